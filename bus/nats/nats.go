@@ -1,0 +1,393 @@
+// Package nats publishes to and consumes from NATS JetStream, for the
+// tailrace bus.
+//
+// It is a thin, configured constructor over watermill-nats/v2 (pkg/nats with
+// JetStream on), with the settings a relay needs decided once:
+//
+//   - Publish waits for JetStream's PubAck for every message: nil means the
+//     message is stored in a stream. A subject no stream captures fails with
+//     nats.ErrNoStreamResponse (no responders) — never a silent success.
+//   - Streams are file-backed (they survive a server restart) and created on
+//     first use, one per topic, capturing the subject named after the topic
+//     (Config.NoProvision turns that off when streams are managed elsewhere);
+//     the result is cached, so publishing costs no extra round trip.
+//   - Each message carries its UUID as Nats-Msg-Id, so JetStream drops a
+//     re-publish of the same message within the stream's duplicate window
+//     (2 minutes by default): a relay retry does not make a second copy.
+//   - Subscribers use durable consumers with explicit acks; a consumer group
+//     (Config.ConsumerGroup) shares one durable consumer and queue group, so
+//     each message goes to one member. Delivery is at-least-once; order is
+//     the stream's for a single subscriber.
+//   - The client reconnects by itself (Config.ReconnectWait, forever by
+//     default); a Publish during an outage fails after the JetStream
+//     request timeout.
+//
+// Credentials in the URL never appear in a log line or a returned error.
+package nats
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	wnats "github.com/ThreeDotsLabs/watermill-nats/v2/pkg/nats"
+	"github.com/ThreeDotsLabs/watermill/message"
+	nc "github.com/nats-io/nats.go"
+
+	"github.com/tailrace/tailrace/bus/internal/secret"
+)
+
+// Defaults for Config fields left at their zero value.
+const (
+	DefaultName           = "tailrace"
+	DefaultConnectTimeout = 10 * time.Second
+	DefaultReconnectWait  = time.Second
+	DefaultAckWait        = 30 * time.Second
+	DefaultCloseTimeout   = 30 * time.Second
+	DefaultPublishTimeout = 10 * time.Second
+	DefaultSubscribers    = 1
+)
+
+// Config configures a Publisher and a Subscriber.
+type Config struct {
+	// URL of the server(s), nats://[user:password@]host:4222, several
+	// separated by commas. Required. Printed only redacted.
+	URL string
+	// Name of the connection, shown by the server. Default "tailrace".
+	Name string
+	// ConnectTimeout bounds the initial connect. Default 10s.
+	ConnectTimeout time.Duration
+	// ReconnectWait is the pause between reconnect attempts (the client
+	// retries forever). Default 1s.
+	ReconnectWait time.Duration
+	// PublishTimeout bounds the wait for each message's PubAck. Default 10s.
+	PublishTimeout time.Duration
+	// Options are extra nats.go connection options (TLS, credentials
+	// files, …), applied after the ones derived from this Config.
+	Options []nc.Option
+
+	// NoProvision disables creating a topic's stream on first use. Default
+	// false: a missing stream is created (file storage, limits retention,
+	// subject = topic, name = topic with characters streams refuse
+	// replaced by '_').
+	NoProvision bool
+	// NoMsgID stops sending the message UUID as Nats-Msg-Id. Default false:
+	// JetStream deduplicates re-publishes within the duplicate window.
+	NoMsgID bool
+
+	// ConsumerGroup makes subscribers of one topic with the same group share
+	// a durable consumer and a queue group: each message goes to one of
+	// them. Empty: each Subscribe call gets every message (an ephemeral
+	// consumer).
+	ConsumerGroup string
+	// Subscribers is how many NATS subscriptions a Subscribe call opens
+	// (more than 1 needs a ConsumerGroup). Default 1.
+	Subscribers int
+	// AckWait is how long the server waits for an ack before redelivering.
+	// Default 30s.
+	AckWait time.Duration
+	// CloseTimeout bounds how long Close waits for in-flight acks.
+	// Default 30s.
+	CloseTimeout time.Duration
+}
+
+func (c *Config) setDefaults() {
+	if c.Name == "" {
+		c.Name = DefaultName
+	}
+	if c.ConnectTimeout == 0 {
+		c.ConnectTimeout = DefaultConnectTimeout
+	}
+	if c.ReconnectWait == 0 {
+		c.ReconnectWait = DefaultReconnectWait
+	}
+	if c.PublishTimeout == 0 {
+		c.PublishTimeout = DefaultPublishTimeout
+	}
+	if c.Subscribers == 0 {
+		c.Subscribers = DefaultSubscribers
+	}
+	if c.AckWait == 0 {
+		c.AckWait = DefaultAckWait
+	}
+	if c.CloseTimeout == 0 {
+		c.CloseTimeout = DefaultCloseTimeout
+	}
+}
+
+// Validate reports every problem in c at once (errors.Join). Zero fields
+// stand for their defaults and are valid.
+func (c Config) Validate() error {
+	c.setDefaults()
+	return c.validate()
+}
+
+// validate checks a Config whose defaults are applied.
+func (c *Config) validate() error {
+	var errs []error
+	if c.URL == "" {
+		errs = append(errs, errors.New("bus/nats: URL is required"))
+	}
+	for _, u := range strings.Split(c.URL, ",") {
+		if u = strings.TrimSpace(u); u == "" {
+			continue
+		}
+		if !strings.Contains(u, "://") {
+			u = "nats://" + u
+		}
+		if _, err := secret.Parse(u); err != nil {
+			errs = append(errs, fmt.Errorf("bus/nats: invalid URL %w", err))
+		}
+	}
+	for name, d := range map[string]time.Duration{
+		"ConnectTimeout": c.ConnectTimeout, "ReconnectWait": c.ReconnectWait, "PublishTimeout": c.PublishTimeout,
+		"AckWait": c.AckWait, "CloseTimeout": c.CloseTimeout,
+	} {
+		if d <= 0 {
+			errs = append(errs, fmt.Errorf("bus/nats: %s must be positive, got %v", name, d))
+		}
+	}
+	if c.Subscribers < 1 {
+		errs = append(errs, fmt.Errorf("bus/nats: Subscribers must be at least 1, got %d", c.Subscribers))
+	}
+	if c.Subscribers > 1 && c.ConsumerGroup == "" {
+		errs = append(errs, errors.New("bus/nats: Subscribers > 1 needs a ConsumerGroup"))
+	}
+	if strings.ContainsAny(c.ConsumerGroup, " .*>\t\r\n") {
+		errs = append(errs, fmt.Errorf("bus/nats: ConsumerGroup %q must not contain spaces, '.', '*' or '>'", c.ConsumerGroup))
+	}
+	return errors.Join(errs...)
+}
+
+// StreamName is the stream a topic's messages are stored in when streams are
+// provisioned here: the topic with characters stream names refuse replaced by
+// '_'.
+func StreamName(topic string) string {
+	return strings.Map(func(r rune) rune {
+		switch r {
+		case '.', '*', '>', ' ', '\t', '\r', '\n', '/', '\\':
+			return '_'
+		}
+		return r
+	}, topic)
+}
+
+func (c *Config) natsOptions(logger watermill.LoggerAdapter, red string) []nc.Option {
+	opts := []nc.Option{
+		nc.Name(c.Name),
+		nc.Timeout(c.ConnectTimeout),
+		nc.ReconnectWait(c.ReconnectWait),
+		nc.MaxReconnects(-1),
+		nc.DisconnectErrHandler(func(conn *nc.Conn, err error) {
+			// A Close disconnects with a nil error: that is not a fault.
+			if err == nil || conn.IsClosed() {
+				logger.Debug("Disconnected", watermill.LogFields{"url": red})
+				return
+			}
+			logger.Error("Disconnected", secret.NewScrubber(c.URL).Error(err), watermill.LogFields{"url": red})
+		}),
+		nc.ReconnectHandler(func(*nc.Conn) {
+			logger.Info("Reconnected", watermill.LogFields{"url": red})
+		}),
+	}
+	return append(opts, c.Options...)
+}
+
+func (c *Config) jetStream() wnats.JetStreamConfig {
+	js := wnats.JetStreamConfig{
+		AutoProvision:    false, // done here, cached, with valid stream names
+		ConnectOptions:   []nc.JSOpt{nc.MaxWait(c.PublishTimeout)},
+		SubscribeOptions: []nc.SubOpt{nc.DeliverAll(), nc.AckExplicit(), nc.AckWait(c.AckWait)},
+		TrackMsgId:       !c.NoMsgID,
+	}
+	if c.ConsumerGroup != "" {
+		js.DurablePrefix = c.ConsumerGroup
+		js.DurableCalculator = func(prefix, topic string) string { return StreamName(prefix + "_" + topic) }
+	}
+	return js
+}
+
+// provisioner creates streams on first use and remembers them.
+type provisioner struct {
+	js   nc.JetStreamManager
+	off  bool
+	done sync.Map // topic -> struct{}
+	mu   sync.Mutex
+}
+
+func (p *provisioner) ensure(topic string) error {
+	if p.off {
+		return nil
+	}
+	if _, ok := p.done.Load(topic); ok {
+		return nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, ok := p.done.Load(topic); ok {
+		return nil
+	}
+	name := StreamName(topic)
+	if _, err := p.js.StreamInfo(name); errors.Is(err, nc.ErrStreamNotFound) {
+		_, err = p.js.AddStream(&nc.StreamConfig{
+			Name:      name,
+			Subjects:  []string{topic},
+			Storage:   nc.FileStorage,
+			Retention: nc.LimitsPolicy,
+		})
+		if err != nil && !errors.Is(err, nc.ErrStreamNameAlreadyInUse) {
+			return fmt.Errorf("bus/nats: create stream %q for topic %q: %w", name, topic, err)
+		}
+	} else if err != nil {
+		return fmt.Errorf("bus/nats: look up stream %q for topic %q: %w", name, topic, err)
+	}
+	p.done.Store(topic, struct{}{})
+	return nil
+}
+
+// connect opens a connection with the config's options.
+func connect(cfg *Config, logger watermill.LoggerAdapter) (*nc.Conn, secret.Scrubber, error) {
+	scrub := secret.NewScrubber(cfg.URL)
+	red := secret.URL(cfg.URL)
+	conn, err := nc.Connect(cfg.URL, cfg.natsOptions(logger, red)...)
+	if err != nil {
+		return nil, scrub, fmt.Errorf("bus/nats: connect to %s: %w", red, scrub.Error(err))
+	}
+	return conn, scrub, nil
+}
+
+// Publisher publishes to JetStream; see the package doc for its guarantees.
+type Publisher struct {
+	pub   *wnats.Publisher
+	conn  *nc.Conn
+	prov  *provisioner
+	scrub secret.Scrubber
+}
+
+var _ message.Publisher = (*Publisher)(nil)
+
+// NewPublisher validates cfg and connects. A nil logger logs nothing.
+func NewPublisher(cfg Config, logger watermill.LoggerAdapter) (*Publisher, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if logger == nil {
+		logger = watermill.NopLogger{}
+	}
+	logger = logger.With(watermill.LogFields{"component": "bus/nats.Publisher"})
+	conn, scrub, err := connect(&cfg, logger)
+	if err != nil {
+		return nil, err
+	}
+	js := cfg.jetStream()
+	pub, err := wnats.NewPublisherWithNatsConn(conn, wnats.PublisherPublishConfig{
+		Marshaler:         &wnats.NATSMarshaler{},
+		SubjectCalculator: wnats.DefaultSubjectCalculator,
+		JetStream:         js,
+	}, logger)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("bus/nats: %w", scrub.Error(err))
+	}
+	jsm, err := conn.JetStream(js.ConnectOptions...)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("bus/nats: %w", scrub.Error(err))
+	}
+	return &Publisher{pub: pub, conn: conn, prov: &provisioner{js: jsm, off: cfg.NoProvision}, scrub: scrub}, nil
+}
+
+// Publish stores messages in topic's stream, one PubAck at a time, and
+// returns at the first failure.
+func (p *Publisher) Publish(topic string, messages ...*message.Message) error {
+	if err := p.prov.ensure(topic); err != nil {
+		return p.scrub.Error(err)
+	}
+	if err := p.pub.Publish(topic, messages...); err != nil {
+		return fmt.Errorf("bus/nats: publish to %q: %w", topic, p.scrub.Error(err))
+	}
+	return nil
+}
+
+// Close closes the connection.
+func (p *Publisher) Close() error { return p.scrub.Error(p.pub.Close()) }
+
+// Subscriber consumes from JetStream; see the package doc for its
+// guarantees.
+type Subscriber struct {
+	sub   *wnats.Subscriber
+	prov  *provisioner
+	conn  *nc.Conn
+	scrub secret.Scrubber
+}
+
+var (
+	_ message.Subscriber           = (*Subscriber)(nil)
+	_ message.SubscribeInitializer = (*Subscriber)(nil)
+)
+
+// NewSubscriber validates cfg and connects. A nil logger logs nothing.
+func NewSubscriber(cfg Config, logger watermill.LoggerAdapter) (*Subscriber, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if logger == nil {
+		logger = watermill.NopLogger{}
+	}
+	logger = logger.With(watermill.LogFields{"component": "bus/nats.Subscriber"})
+	conn, scrub, err := connect(&cfg, logger)
+	if err != nil {
+		return nil, err
+	}
+	js := cfg.jetStream()
+	sub, err := wnats.NewSubscriberWithNatsConn(conn, wnats.SubscriberSubscriptionConfig{
+		Unmarshaler:       &wnats.NATSMarshaler{},
+		SubscribersCount:  cfg.Subscribers,
+		AckWaitTimeout:    cfg.AckWait,
+		CloseTimeout:      cfg.CloseTimeout,
+		SubscribeTimeout:  cfg.ConnectTimeout,
+		QueueGroupPrefix:  cfg.ConsumerGroup,
+		SubjectCalculator: wnats.DefaultSubjectCalculator,
+		JetStream:         js,
+	}, logger)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("bus/nats: %w", scrub.Error(err))
+	}
+	jsm, err := conn.JetStream(js.ConnectOptions...)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("bus/nats: %w", scrub.Error(err))
+	}
+	return &Subscriber{sub: sub, prov: &provisioner{js: jsm, off: cfg.NoProvision}, conn: conn, scrub: scrub}, nil
+}
+
+// Subscribe makes sure topic's stream exists (unless NoProvision) and
+// returns the messages delivered to this subscriber. The channel closes when
+// ctx is done or the subscriber is closed.
+func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
+	if err := s.prov.ensure(topic); err != nil {
+		return nil, s.scrub.Error(err)
+	}
+	ch, err := s.sub.Subscribe(ctx, topic)
+	if err != nil {
+		return nil, fmt.Errorf("bus/nats: subscribe to %q: %w", topic, s.scrub.Error(err))
+	}
+	return ch, nil
+}
+
+// SubscribeInitialize creates topic's stream, so messages published before
+// the first Subscribe are kept.
+func (s *Subscriber) SubscribeInitialize(topic string) error {
+	return s.scrub.Error(s.prov.ensure(topic))
+}
+
+// Close stops the subscriptions, waits up to CloseTimeout for in-flight
+// messages and drains the connection.
+func (s *Subscriber) Close() error { return s.scrub.Error(s.sub.Close()) }

@@ -1,0 +1,137 @@
+package redisstream_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/ThreeDotsLabs/watermill/pubsub/tests"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tailrace/tailrace/bus/redisstream"
+	"github.com/tailrace/tailrace/internal/testenv"
+)
+
+// setup returns a redis:// URL and deletes every key starting with prefix
+// when the test ends.
+func setup(t *testing.T, prefix string) string {
+	t.Helper()
+	addr := testenv.RedisAddr(t)
+	t.Cleanup(func() {
+		cl := redis.NewClient(&redis.Options{Addr: addr})
+		defer cl.Close()
+		ctx := context.Background()
+		iter := cl.Scan(ctx, 0, prefix+"*", 1000).Iterator()
+		for iter.Next(ctx) {
+			cl.Del(ctx, iter.Val())
+		}
+		if err := iter.Err(); err != nil {
+			t.Logf("cleanup: %v", err)
+		}
+	})
+	return "redis://" + addr + "/0"
+}
+
+func TestPublishKeepsMessagesWithoutConsumers(t *testing.T) {
+	prefix := testenv.UniqueName("tr")
+	url := setup(t, prefix)
+	pub, err := redisstream.NewPublisher(redisstream.Config{URL: url}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	topic := prefix + ".orders"
+	msg := message.NewMessage(watermill.NewUUID(), []byte("early"))
+	if err := pub.Publish(topic, msg); err != nil {
+		t.Fatal(err)
+	}
+	sub, err := redisstream.NewSubscriber(redisstream.Config{URL: url, ConsumerGroup: "g"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	msgs, err := sub.Subscribe(ctx, topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case got := <-msgs:
+		got.Ack()
+		if got.UUID != msg.UUID {
+			t.Fatalf("got %s, want %s", got.UUID, msg.UUID)
+		}
+	case <-ctx.Done():
+		t.Fatal("a group created after the publish did not get the message")
+	}
+}
+
+func TestSecretsNeverLeak(t *testing.T) {
+	const pw = "Tr0ub4dor%zz3"
+	var out []string
+	for _, url := range []string{
+		"redis://:" + pw + "@127.0.0.1:6379/0",
+		"redis://user:" + strings.ReplaceAll(pw, "%", "") + "@127.0.0.1:1/0",
+		"redis://user:" + strings.ReplaceAll(pw, "%", "") + "@127.0.0.1:6379/notadb",
+	} {
+		_, err := redisstream.NewPublisher(redisstream.Config{URL: url, DialTimeout: time.Second}, nil)
+		if err == nil {
+			t.Fatalf("NewPublisher(%s) succeeded", url)
+		}
+		_, err2 := redisstream.NewSubscriber(redisstream.Config{URL: url, DialTimeout: time.Second}, nil)
+		out = append(out, err.Error(), err2.Error())
+	}
+	text := strings.Join(out, "\n")
+	for _, s := range []string{pw, "Tr0ub4dor"} {
+		if strings.Contains(text, s) {
+			t.Errorf("errors contain %q:\n%s", s, text)
+		}
+	}
+	if !strings.Contains(text, "***") {
+		t.Errorf("no redacted URL in:\n%s", text)
+	}
+}
+
+func TestUniversalPubSub(t *testing.T) {
+	prefix := testenv.UniqueName("tr")
+	url := setup(t, prefix)
+	constructor := func(t *testing.T, group string) (message.Publisher, message.Subscriber) {
+		pub, err := redisstream.NewPublisher(redisstream.Config{URL: url}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sub, err := redisstream.NewSubscriber(redisstream.Config{
+			URL:           url,
+			ConsumerGroup: group,
+			BlockTime:     10 * time.Millisecond,
+			ClaimInterval: 3 * time.Second,
+			MaxIdleTime:   5 * time.Second,
+		}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pub, sub
+	}
+	tests.TestPubSub(t,
+		tests.Features{
+			ConsumerGroups:                      true,
+			ExactlyOnceDelivery:                 false,
+			GuaranteedOrder:                     false,
+			GuaranteedOrderWithSingleSubscriber: true,
+			Persistent:                          true,
+			NewSubscriberReceivesOldMessages:    true,
+			ForceShort:                          true,
+			GenerateTopicFunc: func(tctx tests.TestContext) string {
+				return prefix + "_" + string(tctx.TestID)
+			},
+		},
+		func(t *testing.T) (message.Publisher, message.Subscriber) {
+			return constructor(t, watermill.NewShortUUID())
+		},
+		constructor,
+	)
+}

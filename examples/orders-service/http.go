@@ -1,0 +1,164 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/tailrace/tailrace/behaviors"
+	"github.com/tailrace/tailrace/mediator"
+	"github.com/tailrace/tailrace/outbox"
+)
+
+// routes is the HTTP API:
+//
+//	POST /orders               {"customer": "ada", "amount_cents": 1250} → 201 {"id": "..."}
+//	POST /orders/{id}/cancel   → 204, 404 unknown order, 409 already cancelled
+//	GET  /orders/{id}          → 200 the order and the events the consumer received
+//	GET  /healthz              → 200 or 503 with the state of each part
+//	GET  /metrics              → the OpenTelemetry metrics, Prometheus text format
+//
+// The tenant comes from the X-Tenant and X-Tenant-Tier headers and is stamped
+// on the staged events, where the routing policy matches the tier.
+func (a *App) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /orders", a.createOrder)
+	mux.HandleFunc("POST /orders/{id}/cancel", a.cancelOrder)
+	mux.HandleFunc("GET /orders/{id}", a.getOrder)
+	mux.HandleFunc("GET /healthz", a.health)
+	mux.Handle("GET /metrics", a.metrics.handler())
+	return a.logRequests(mux)
+}
+
+func tenantContext(r *http.Request) context.Context {
+	return outbox.WithTenant(r.Context(), r.Header.Get("X-Tenant"), r.Header.Get("X-Tenant-Tier"))
+}
+
+func (a *App) createOrder(w http.ResponseWriter, r *http.Request) {
+	var c CreateOrder
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		writeJSON(w, http.StatusBadRequest, errorBody{Error: "invalid JSON: " + err.Error()})
+		return
+	}
+	id, err := mediator.Send(tenantContext(r), a.m, c)
+	if err != nil {
+		a.writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, map[string]OrderID{"id": id})
+}
+
+func (a *App) cancelOrder(w http.ResponseWriter, r *http.Request) {
+	if _, err := mediator.Send(tenantContext(r), a.m, CancelOrder{ID: OrderID(r.PathValue("id"))}); err != nil {
+		a.writeError(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (a *App) getOrder(w http.ResponseWriter, r *http.Request) {
+	o, err := mediator.Send(r.Context(), a.m, GetOrder{ID: OrderID(r.PathValue("id"))})
+	if err != nil {
+		a.writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, o)
+}
+
+// Health is the body of /healthz.
+type Health struct {
+	Status string            `json:"status"` // "ok" or "unavailable"
+	Roles  []string          `json:"roles"`
+	Checks map[string]string `json:"checks"`
+	// PolicyVersion is the routing policy in use.
+	PolicyVersion string `json:"policy_version"`
+}
+
+// health reports the database and the routing policy: 503 when the database
+// does not answer within 2 s, or when the last change to the policy files
+// was rejected (the last good policy is still in use, but someone should
+// look).
+func (a *App) health(w http.ResponseWriter, r *http.Request) {
+	h := Health{Status: "ok", Roles: a.cfg.Roles, Checks: map[string]string{}}
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	h.Checks["database"] = "ok"
+	if err := a.db.PingContext(ctx); err != nil {
+		h.Status, h.Checks["database"] = "unavailable", err.Error()
+	}
+	st := a.watcher.Status()
+	h.PolicyVersion = st.Version
+	h.Checks["policy"] = "ok"
+	if err := a.watcher.Healthy(); err != nil {
+		h.Status, h.Checks["policy"] = "unavailable", err.Error()
+	}
+	code := http.StatusOK
+	if h.Status != "ok" {
+		code = http.StatusServiceUnavailable
+	}
+	writeJSON(w, code, h)
+}
+
+type errorBody struct {
+	Error  string       `json:"error"`
+	Fields []fieldError `json:"fields,omitempty"`
+}
+
+type fieldError struct {
+	Field   string `json:"field"`
+	Message string `json:"message"`
+}
+
+// writeError maps the handlers' errors to HTTP statuses; anything unexpected
+// is logged and reported as 500 without details.
+func (a *App) writeError(w http.ResponseWriter, r *http.Request, err error) {
+	var ve *behaviors.ValidationError
+	switch {
+	case errors.As(err, &ve):
+		body := errorBody{Error: "invalid request"}
+		for _, f := range ve.Fields {
+			body.Fields = append(body.Fields, fieldError{Field: f.Field, Message: f.Message})
+		}
+		writeJSON(w, http.StatusBadRequest, body)
+	case errors.Is(err, ErrNotFound):
+		writeJSON(w, http.StatusNotFound, errorBody{Error: ErrNotFound.Error()})
+	case errors.Is(err, ErrNotCancellable):
+		writeJSON(w, http.StatusConflict, errorBody{Error: ErrNotCancellable.Error()})
+	default:
+		a.logger.ErrorContext(r.Context(), "orders-service: request failed", "method", r.Method, "path", r.URL.Path, "error", err)
+		writeJSON(w, http.StatusInternalServerError, errorBody{Error: "internal error"})
+	}
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (s *statusRecorder) WriteHeader(code int) {
+	s.status = code
+	s.ResponseWriter.WriteHeader(code)
+}
+
+// logRequests logs one line per request.
+func (a *App) logRequests(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+		next.ServeHTTP(rec, r)
+		a.logger.LogAttrs(r.Context(), slog.LevelInfo, "http request",
+			slog.String("method", r.Method), slog.String("path", r.URL.Path),
+			slog.Int("status", rec.status), slog.Duration("duration", time.Since(start)))
+	})
+}

@@ -131,6 +131,7 @@ type snapshot struct {
 	strategy PublishStrategy
 	layers   []Layer                  // sorted by Order, stable
 	entries  map[unsafe.Pointer]entry // by typeKey
+	table    typeTable                // entries again, for dispatch
 	kinds    map[string]reflect.Type  // kind → type, to reject a kind used twice
 	names    map[reflect.Type]string  // type → kind, for KindOf
 }
@@ -181,6 +182,7 @@ func (m *Mediator) update(f func(s *snapshot) error) error {
 	if err := f(s); err != nil {
 		return err
 	}
+	s.table = newTypeTable(s.entries)
 	m.snap.Store(s)
 	return nil
 }

@@ -204,7 +204,7 @@ func HandleNotification[N Notifiable](h NotificationHandler[N], opts ...Register
 func Publish[N Notifiable](ctx context.Context, m *Mediator, n N) error {
 	var e *notificationEntry[N]
 	if s := m.snap.Load(); s != nil {
-		e, _ = s.entries[typeKey[N]()].(*notificationEntry[N])
+		e, _ = s.table.lookup(typeKey[N]()).(*notificationEntry[N])
 	}
 	if e == nil {
 		return nil

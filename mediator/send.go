@@ -35,6 +35,7 @@ func applyOptions(opts []RegisterOption) registerOptions {
 type requestEntry[Req Request[R], R any] struct {
 	meta
 	h      Handler[Req, R]
+	call   func(context.Context, Req) (R, error) // h's method, or h itself if a HandlerFunc
 	layers []Layer
 	pipe   Next // nil when no layer applies: Send calls h directly
 	reqBox boxing
@@ -48,14 +49,19 @@ func (e *requestEntry[Req, R]) build(s *snapshot) entry {
 	c.layers = applicable(s.layers, c.info, c.sample)
 	c.pipe = nil
 	c.reqBox, c.resBox = boxingOf[Req](), boxingOf[R]()
+	if f, ok := c.h.(HandlerFunc[Req, R]); ok {
+		c.call = f // one indirect call instead of two
+	} else {
+		c.call = c.h.Handle
+	}
 	if len(c.layers) > 0 {
-		h, info, resBox := c.h, c.info, c.resBox
+		h, info, resBox := c.call, c.info, c.resBox
 		c.pipe = chain(c.layers, info, func(ctx context.Context, req any) (any, error) {
 			r, ok := req.(Req)
 			if !ok {
 				return nil, fmt.Errorf("%w: %T passed on for %s %q", ErrRequestType, req, info.Type, info.Kind)
 			}
-			res, err := h.Handle(ctx, r)
+			res, err := h(ctx, r)
 			if err != nil {
 				return nil, checkErr(info, err)
 			}
@@ -142,7 +148,7 @@ func Send[Req Request[R], R any](ctx context.Context, m *Mediator, req Req) (R, 
 	var zero R
 	var e *requestEntry[Req, R]
 	if s := m.snap.Load(); s != nil {
-		e, _ = s.entries[typeKey[Req]()].(*requestEntry[Req, R])
+		e, _ = s.table.lookup(typeKey[Req]()).(*requestEntry[Req, R])
 	}
 	if e == nil {
 		return zero, noHandler(requestTypeOf[Req, R](), req)
@@ -151,7 +157,7 @@ func Send[Req Request[R], R any](ctx context.Context, m *Mediator, req Req) (R, 
 		return zero, fmt.Errorf("%w for %s %q", ErrNilRequest, e.info.Type, e.info.Kind)
 	}
 	if e.pipe == nil {
-		res, err := e.h.Handle(ctx, req)
+		res, err := e.call(ctx, req)
 		if err != nil {
 			return zero, checkErr(e.info, err)
 		}

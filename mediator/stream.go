@@ -77,7 +77,7 @@ func SendStream[Req StreamRequest[T], T any](ctx context.Context, m *Mediator, r
 		var zero T
 		var e *streamEntry[Req, T]
 		if s := m.snap.Load(); s != nil {
-			e, _ = s.entries[typeKey[Req]()].(*streamEntry[Req, T])
+			e, _ = s.table.lookup(typeKey[Req]()).(*streamEntry[Req, T])
 		}
 		if e == nil {
 			yield(zero, noHandler(TypeStream, req))

@@ -48,6 +48,11 @@ type RelayConfig struct {
 	BatchSize int
 	// MaxInFlight is the most messages handed to the forwarder and not yet
 	// acknowledged (published and confirmed) at once. Default 512.
+	//
+	// A crashed relay's successor re-sends at most MaxInFlight +
+	// 2 × BatchSize messages: the ones in flight, and the confirmed ones
+	// whose rows were not yet deleted (the relay stops sending while two
+	// batches wait for their DELETE).
 	MaxInFlight int
 	// MaxPending bounds the claimed rows held in memory, in flight or
 	// waiting behind an earlier message of their key or a retry. Claiming

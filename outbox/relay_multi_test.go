@@ -118,9 +118,10 @@ func TestRelayTakeover(t *testing.T) {
 			if len(l.lost)+len(l.unexpected)+len(l.orderViolations) > 0 {
 				t.Fatalf("ledger: %s %v", l, head(l.orderViolations))
 			}
-			// Duplicates: at most what A had in flight plus acks not yet flushed.
-			if len(l.duplicated) > 32+256 {
-				t.Errorf("%d duplicates; the window is MaxInFlight + one ack batch", len(l.duplicated))
+			// Duplicates: at most what A had in flight plus acks not yet
+			// deleted, which the relay caps at two batches.
+			if limit := 32 + 2*DefaultRelayBatchSize; len(l.duplicated) > limit {
+				t.Errorf("%d duplicates; the bound is MaxInFlight + 2 × BatchSize = %d", len(l.duplicated), limit)
 			}
 			if took > ttl+ttl/3+2*time.Second {
 				t.Errorf("takeover took %s with LeaseTTL %s", took, ttl)

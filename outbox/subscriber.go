@@ -62,6 +62,11 @@ type subscriber struct {
 	claimLost bool
 	inflight  int
 	acks      []int64
+	// unflushed counts acknowledged rows not yet deleted: in acks or in a
+	// flush under way. Emission pauses at maxUnflushed, so that a crash
+	// re-sends at most MaxInFlight + maxUnflushed messages however slow
+	// the database is.
+	unflushed int
 	fatal     error
 
 	// Outage breaker: when outageThreshold different messages failed in a
@@ -508,7 +513,7 @@ func (s *subscriber) nextLocked(now time.Time) *relayRow {
 	if s.outage && (s.probing || now.Before(s.outageUntil)) {
 		return nil
 	}
-	for len(s.ready) > 0 && s.inflight < s.cfg.MaxInFlight && !s.closing {
+	for len(s.ready) > 0 && s.inflight < s.cfg.MaxInFlight && s.unflushed < s.maxUnflushed() && !s.closing {
 		r := s.ready[0]
 		s.ready[0] = nil
 		s.ready = s.ready[1:]
@@ -594,6 +599,7 @@ func (s *subscriber) onAck(r *relayRow) {
 	}
 	clear(s.failing)
 	s.acks = append(s.acks, r.id)
+	s.unflushed++
 	s.finishLocked(r)
 	s.mu.Unlock()
 	wake(s.ackWake)
@@ -866,9 +872,18 @@ func (s *subscriber) flushAcks(ctx context.Context) error {
 			return err
 		}
 		ids = ids[n:]
+		s.mu.Lock()
+		s.unflushed -= n
+		s.mu.Unlock()
+		wake(s.emitWake)
 	}
 	return nil
 }
+
+// maxUnflushed is how many acknowledged rows may wait for their DELETE
+// before emission pauses: two batches, one being deleted while the next
+// gathers.
+func (s *subscriber) maxUnflushed() int { return 2 * s.cfg.BatchSize }
 
 // ------------------------------------------------------------------ closing
 

@@ -82,37 +82,85 @@ func (d *DeadLetters) List(ctx context.Context, afterID int64, limit int) ([]Dea
 }
 
 // Replay moves the given dead letters back into the outbox, in id order, as
-// new rows (new ids, attempts reset) in one transaction; the relay sends
-// them again. It returns how many were moved; unknown ids are ignored.
+// new rows (new ids, attempts reset); the relay sends them again. It returns
+// how many were moved; unknown ids, and ids another Replay moved first, are
+// ignored, so concurrent replays of the same ids move each dead letter once.
+// Ids are moved in transactions of up to 1000: an error may leave the
+// earlier chunks moved (the count says how many).
 func (d *DeadLetters) Replay(ctx context.Context, ids ...int64) (int, error) {
-	if len(ids) == 0 {
-		return 0, nil
-	}
-	tx, err := d.db.BeginTx(ctx, nil)
-	if err != nil {
-		return 0, fmt.Errorf("outbox: replay dead letters: %w", err)
-	}
-	defer func() { _ = tx.Rollback() }()
 	n := 0
 	for len(ids) > 0 {
 		k := min(len(ids), 1000)
-		in := intList(ids[:k])
-		res, err := tx.ExecContext(ctx, `INSERT INTO `+d.q.t+` (uuid, message_id, kind, partition_key, key_hash, payload, metadata)`+
-			` SELECT uuid, message_id, kind, partition_key, key_hash, payload, metadata FROM `+d.q.dead+` WHERE id IN (`+in+`) ORDER BY id`)
+		m, err := d.replayChunk(ctx, ids[:k])
+		n += m
 		if err != nil {
-			return 0, fmt.Errorf("outbox: replay dead letters: %w", err)
-		}
-		m, _ := res.RowsAffected()
-		n += int(m)
-		if _, err := tx.ExecContext(ctx, `DELETE FROM `+d.q.dead+` WHERE id IN (`+in+`)`); err != nil {
-			return 0, fmt.Errorf("outbox: replay dead letters: %w", err)
+			return n, err
 		}
 		ids = ids[k:]
 	}
-	if err := tx.Commit(); err != nil {
-		return 0, fmt.Errorf("outbox: replay dead letters: %w", err)
-	}
 	return n, nil
+}
+
+// replayChunk moves up to 1000 dead letters back into the outbox in one
+// transaction. It is safe to run concurrently with itself on the same ids:
+// each dead letter is moved once.
+func (d *DeadLetters) replayChunk(ctx context.Context, ids []int64) (int, error) {
+	const cols = `uuid, message_id, kind, partition_key, key_hash, payload, metadata`
+	in := intList(ids)
+	wrap := func(err error) (int, error) { return 0, fmt.Errorf("outbox: replay dead letters: %w", err) }
+	if d.q.pg {
+		// The DELETE takes the row locks; a concurrent replay of the same
+		// rows waits, then finds them gone and inserts nothing.
+		res, err := d.db.ExecContext(ctx, `WITH moved AS (DELETE FROM `+d.q.dead+` WHERE id IN (`+in+`) RETURNING id, `+cols+`)`+
+			` INSERT INTO `+d.q.t+` (`+cols+`) SELECT `+cols+` FROM moved ORDER BY id`)
+		if err != nil {
+			return wrap(err)
+		}
+		n, _ := res.RowsAffected()
+		return int(n), nil
+	}
+	tx, err := d.db.BeginTx(ctx, nil)
+	if err != nil {
+		return wrap(err)
+	}
+	defer func() { _ = tx.Rollback() }()
+	if d.q.my {
+		rows, err := tx.QueryContext(ctx, `SELECT id FROM `+d.q.dead+` WHERE id IN (`+in+`) ORDER BY id FOR UPDATE`)
+		if err != nil {
+			return wrap(err)
+		}
+		var locked []int64
+		for rows.Next() {
+			var id int64
+			if err := rows.Scan(&id); err != nil {
+				rows.Close()
+				return wrap(err)
+			}
+			locked = append(locked, id)
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return wrap(err)
+		}
+		if len(locked) == 0 {
+			return 0, nil
+		}
+		in = intList(locked)
+	}
+	// SQLite: the INSERT is the transaction's first statement, so it takes
+	// the write lock before reading: a concurrent replay sees the rows gone.
+	res, err := tx.ExecContext(ctx, `INSERT INTO `+d.q.t+` (`+cols+`) SELECT `+cols+` FROM `+d.q.dead+` WHERE id IN (`+in+`) ORDER BY id`)
+	if err != nil {
+		return wrap(err)
+	}
+	n, _ := res.RowsAffected()
+	if _, err := tx.ExecContext(ctx, `DELETE FROM `+d.q.dead+` WHERE id IN (`+in+`)`); err != nil {
+		return wrap(err)
+	}
+	if err := tx.Commit(); err != nil {
+		return wrap(err)
+	}
+	return int(n), nil
 }
 
 // Purge deletes the given dead letters for good and returns how many.

@@ -330,6 +330,21 @@ type fileParser struct {
 
 func (p *fileParser) parse() *rawFile {
 	p.result = &rawFile{name: p.name}
+	// JSON text is UTF-8 (RFC 8259). encoding/json would turn invalid bytes
+	// into U+FFFD silently, making a value that matches something else than
+	// what the file says: reject the file, pointing at the first bad byte.
+	if !utf8.Valid(p.data) {
+		off := 0
+		for off < len(p.data) {
+			r, size := utf8.DecodeRune(p.data[off:])
+			if r == utf8.RuneError && size <= 1 {
+				break
+			}
+			off += size
+		}
+		p.fail(off, "", detail(ErrSyntax, "invalid UTF-8 (byte 0x%02x): policy files must be UTF-8", p.data[off]))
+		return p.result
+	}
 	p.dec = json.NewDecoder(bytes.NewReader(p.data))
 	p.dec.UseNumber()
 	_ = p.top()

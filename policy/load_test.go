@@ -346,3 +346,20 @@ func TestByteOrderMark(t *testing.T) {
 		t.Fatalf("%v", err)
 	}
 }
+
+func TestInvalidUTF8Rejected(t *testing.T) {
+	doc := "{\"Rules\": [{\"Priority\": 1,\n \"Match\": {\"Event\": \"ok\xff\xfe\"}, \"Publishers\": [{\"Key\": \"amqp\", \"Destination\": \"x\"}]}]}"
+	_, err := Parse("bad.json", []byte(doc), nil)
+	var re *RuleError
+	if !errors.As(err, &re) || !errors.Is(err, ErrSyntax) || re.Line != 2 || re.Col != 24 {
+		t.Fatalf("got %v (%+v), want a syntax error at bad.json:2:24", err, re)
+	}
+	if !strings.Contains(err.Error(), "UTF-8") {
+		t.Errorf("error does not say why: %v", err)
+	}
+	// Valid multi-byte UTF-8 is fine.
+	ok := strings.Replace(minimal, `"x"`, `"café-€-😀"`, 1)
+	if _, err := Parse("ok.json", []byte(ok), nil); err != nil {
+		t.Fatal(err)
+	}
+}

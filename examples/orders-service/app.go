@@ -175,31 +175,34 @@ func provideValidationConfig() behaviors.ValidationConfig { return behaviors.Val
 // Transaction behavior and the relay.
 func provideNotifier() *outbox.Notifier { return &outbox.Notifier{} }
 
-// provideOutbox: the metrics count the staged messages (Observer).
-func provideOutbox(db *sql.DB, logger *slog.Logger, n *outbox.Notifier, m *outbox.Metrics) (*outbox.Outbox, error) {
-	return outbox.New(db, logger, outbox.Config{Dialect: outbox.PostgreSQL, Notifier: n, Observer: m})
+// The configs below are the inputs of outbox.ProviderSet and
+// behaviors.ProviderSet, which provide the *outbox.Outbox, the
+// *outbox.Inbox, the *outbox.Relay, the *behaviors.Transaction and the
+// *behaviors.Inbox from them.
+
+// provideOutboxConfig: the metrics count the staged messages (Observer).
+func provideOutboxConfig(n *outbox.Notifier, m *outbox.Metrics) outbox.Config {
+	return outbox.Config{Dialect: outbox.PostgreSQL, Notifier: n, Observer: m}
 }
 
-// provideTransaction wraps commands, and the events the consumer publishes
-// into the mediator, in a transaction: Inbox needs one for both.
-func provideTransaction(db *sql.DB, logger *slog.Logger, n *outbox.Notifier) (*behaviors.Transaction, error) {
-	return behaviors.NewTransaction(db, logger, behaviors.TransactionConfig{
+// provideTransactionConfig wraps commands, and the events the consumer
+// publishes into the mediator, in a transaction: Inbox needs one for both.
+func provideTransactionConfig(n *outbox.Notifier) behaviors.TransactionConfig {
+	return behaviors.TransactionConfig{
 		Notifier: n,
 		Applies: func(info mediator.Info) bool {
 			return info.Type == mediator.TypeCommand || info.Type == mediator.TypeNotification
 		},
-	})
+	}
 }
 
-// provideInboxStore is the inbox table, shared by the Inbox behavior and the
-// audit consumer (which claims message ids itself).
-func provideInboxStore(db *sql.DB, logger *slog.Logger) (*outbox.Inbox, error) {
-	return outbox.NewInbox(db, logger, outbox.InboxConfig{Dialect: outbox.PostgreSQL})
+// provideInboxStoreConfig is the inbox table, shared by the Inbox behavior
+// and the audit consumer (which claims message ids itself).
+func provideInboxStoreConfig() outbox.InboxConfig {
+	return outbox.InboxConfig{Dialect: outbox.PostgreSQL}
 }
 
-func provideInbox(store *outbox.Inbox, logger *slog.Logger) (*behaviors.Inbox, error) {
-	return behaviors.NewInbox(store, logger, behaviors.InboxConfig{})
-}
+func provideInboxConfig() behaviors.InboxConfig { return behaviors.InboxConfig{} }
 
 // layers is the pipeline, at the suggested orders: Metrics → Logging →
 // Recover → Validation → Transaction → Inbox → handler.
@@ -251,23 +254,20 @@ func provideWatcherConfig(cfg Config, reg *bus.Registry) policy.WatcherConfig {
 	return policy.WatcherConfig{Paths: cfg.PolicyPaths, Load: &policy.LoadOptions{KnownPublishers: reg.HasPublisher}}
 }
 
-func provideRouting(reg *bus.Registry, p policy.Provider, logger *slog.Logger) (*bus.RoutingPublisher, func(), error) {
-	r, err := bus.NewRoutingPublisher(reg, p, logger, bus.RoutingConfig{})
-	if err != nil {
-		return nil, nil, err
-	}
-	return r, func() { _ = r.Close() }, nil
-}
+// provideRoutingConfig is the routing publisher's configuration (input of
+// bus.ProviderSet): the defaults.
+func provideRoutingConfig() bus.RoutingConfig { return bus.RoutingConfig{} }
 
-// provideRelay: the metrics count the relayed messages, the failed
-// attempts and the publish durations (RelayMiddleware), and the dead
-// letters (Observer).
-func provideRelay(cfg Config, db *sql.DB, routing *bus.RoutingPublisher, logger *slog.Logger, n *outbox.Notifier, m *outbox.Metrics) (*outbox.Relay, error) {
-	return outbox.NewRelay(db, routing, logger, outbox.RelayConfig{
+// provideRelayConfig (input of outbox.ProviderSet; the relay publishes
+// through the routing publisher, bound to message.Publisher in wire.go):
+// the metrics count the relayed messages, the failed attempts and the
+// publish durations (RelayMiddleware), and the dead letters (Observer).
+func provideRelayConfig(cfg Config, n *outbox.Notifier, m *outbox.Metrics) outbox.RelayConfig {
+	return outbox.RelayConfig{
 		Dialect: outbox.PostgreSQL, Table: outbox.DefaultTable, Notifier: n,
 		PollInterval: cfg.RelayPollInterval, CloseTimeout: cfg.ShutdownTimeout,
 		Observer: m, Middlewares: []message.HandlerMiddleware{m.RelayMiddleware(outbox.DefaultTable)},
-	})
+	}
 }
 
 // AuditConsumer is the consumer of the audit subject on NATS: a type of its

@@ -9,7 +9,9 @@ package main
 import (
 	"database/sql"
 	"github.com/tailrace/tailrace/behaviors"
+	"github.com/tailrace/tailrace/bus"
 	"github.com/tailrace/tailrace/mediator"
+	"github.com/tailrace/tailrace/outbox"
 	"github.com/tailrace/tailrace/policy"
 	"log/slog"
 )
@@ -22,20 +24,27 @@ import (
 
 // initApp assembles the service. The configuration, the logger and the
 // database are inputs: shared infrastructure belongs to main, not to a
-// provider set. The cleanup closes, in reverse order, what the providers
-// opened (the broker connections, the policy watcher, the metrics).
+// provider set. The library sets provide the mediator, the behaviors, the
+// outbox, the inbox, the relay, the policy watcher and the routing
+// publisher from the configs the providers in app.go return. The relay
+// publishes through the routing publisher: binding message.Publisher to it
+// is the application's decision, so it is made here. The cleanup closes,
+// in reverse order, what the providers opened (the relay, the routing
+// publisher, the broker connections, the policy watcher, the metrics).
 func initApp(cfg Config, logger *slog.Logger, db *sql.DB) (*App, func(), error) {
 	config := provideMediatorConfig()
 	mainTelemetry, cleanup, err := provideTelemetry()
 	if err != nil {
 		return nil, nil, err
 	}
-	inbox, err := provideInboxStore(db, logger)
+	inboxConfig := provideInboxStoreConfig()
+	inbox, err := outbox.NewInbox(db, logger, inboxConfig)
 	if err != nil {
 		cleanup()
 		return nil, nil, err
 	}
-	behaviorsInbox, err := provideInbox(inbox, logger)
+	behaviorsInboxConfig := provideInboxConfig()
+	behaviorsInbox, err := behaviors.NewInbox(inbox, logger, behaviorsInboxConfig)
 	if err != nil {
 		cleanup()
 		return nil, nil, err
@@ -67,7 +76,8 @@ func initApp(cfg Config, logger *slog.Logger, db *sql.DB) (*App, func(), error) 
 		return nil, nil, err
 	}
 	notifier := provideNotifier()
-	transaction, err := provideTransaction(db, logger, notifier)
+	transactionConfig := provideTransactionConfig(notifier)
+	transaction, err := behaviors.NewTransaction(db, logger, transactionConfig)
 	if err != nil {
 		cleanup2()
 		cleanup()
@@ -80,14 +90,15 @@ func initApp(cfg Config, logger *slog.Logger, db *sql.DB) (*App, func(), error) 
 		cleanup()
 		return nil, nil, err
 	}
-	outbox, err := provideOutbox(db, logger, notifier, outboxMetrics)
+	outboxConfig := provideOutboxConfig(notifier, outboxMetrics)
+	outboxOutbox, err := outbox.New(db, logger, outboxConfig)
 	if err != nil {
 		cleanup3()
 		cleanup2()
 		cleanup()
 		return nil, nil, err
 	}
-	mainService := newService(db, outbox, inbox)
+	mainService := newService(db, outboxOutbox, inbox)
 	v2 := registrations(mainService)
 	mediatorMediator, err := mediator.Build(config, v, v2)
 	if err != nil {
@@ -115,7 +126,8 @@ func initApp(cfg Config, logger *slog.Logger, db *sql.DB) (*App, func(), error) 
 		cleanup()
 		return nil, nil, err
 	}
-	routingPublisher, cleanup6, err := provideRouting(registry, watcher, logger)
+	routingConfig := provideRoutingConfig()
+	routingPublisher, cleanup6, err := bus.ProvideRoutingPublisher(registry, watcher, logger, routingConfig)
 	if err != nil {
 		cleanup5()
 		cleanup4()
@@ -124,17 +136,8 @@ func initApp(cfg Config, logger *slog.Logger, db *sql.DB) (*App, func(), error) 
 		cleanup()
 		return nil, nil, err
 	}
-	relay, err := provideRelay(cfg, db, routingPublisher, logger, notifier, outboxMetrics)
-	if err != nil {
-		cleanup6()
-		cleanup5()
-		cleanup4()
-		cleanup3()
-		cleanup2()
-		cleanup()
-		return nil, nil, err
-	}
-	subscriber, cleanup7, err := provideSubscriber(amqpConfig, loggerAdapter)
+	relayConfig := provideRelayConfig(cfg, notifier, outboxMetrics)
+	relay, cleanup7, err := outbox.ProvideRelay(db, routingPublisher, logger, relayConfig)
 	if err != nil {
 		cleanup6()
 		cleanup5()
@@ -144,7 +147,7 @@ func initApp(cfg Config, logger *slog.Logger, db *sql.DB) (*App, func(), error) 
 		cleanup()
 		return nil, nil, err
 	}
-	consumer, err := provideConsumer(cfg, mediatorMediator, subscriber, registry, mainTelemetry, logger)
+	subscriber, cleanup8, err := provideSubscriber(amqpConfig, loggerAdapter)
 	if err != nil {
 		cleanup7()
 		cleanup6()
@@ -155,8 +158,21 @@ func initApp(cfg Config, logger *slog.Logger, db *sql.DB) (*App, func(), error) 
 		cleanup()
 		return nil, nil, err
 	}
-	auditConsumer, cleanup8, err := provideAuditConsumer(cfg, natsConfig, mainService, registry, mediatorMediator, mainTelemetry, logger)
+	consumer, err := provideConsumer(cfg, mediatorMediator, subscriber, registry, mainTelemetry, logger)
 	if err != nil {
+		cleanup8()
+		cleanup7()
+		cleanup6()
+		cleanup5()
+		cleanup4()
+		cleanup3()
+		cleanup2()
+		cleanup()
+		return nil, nil, err
+	}
+	auditConsumer, cleanup9, err := provideAuditConsumer(cfg, natsConfig, mainService, registry, mediatorMediator, mainTelemetry, logger)
+	if err != nil {
+		cleanup8()
 		cleanup7()
 		cleanup6()
 		cleanup5()
@@ -168,6 +184,7 @@ func initApp(cfg Config, logger *slog.Logger, db *sql.DB) (*App, func(), error) 
 	}
 	app := newApp(cfg, logger, db, mediatorMediator, relay, consumer, auditConsumer, watcher, routingPublisher, notifier, mainTelemetry)
 	return app, func() {
+		cleanup9()
 		cleanup8()
 		cleanup7()
 		cleanup6()

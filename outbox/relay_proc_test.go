@@ -599,10 +599,11 @@ func TestRelayBrokerOutage(t *testing.T) {
 	if left == 0 {
 		t.Error("the outbox drained before the broker stopped: the outage was not under load")
 	}
+	back := time.Now()
 	// The test's consumer reconnects on its own.
 	f.waitDrained(t, c, 90*time.Second, "after the outage")
+	t.Logf("outbox drained %s after start_app; %d warnings from the relay process", time.Since(back).Round(time.Millisecond), c.warnings())
 	c.term(t, 20*time.Second)
-	t.Logf("%d warnings from the relay process", c.warnings())
 	f.check(t, true)
 }
 
@@ -715,12 +716,14 @@ func relayBrokerCut(t *testing.T, f *faultRig, outage time.Duration) ledger {
 	during := f.cons.n() - at
 	warnings := c.warnings() - warnBefore
 	proxy.restore()
-	t.Logf("%s cut for %s at %d of %d delivered, %d rows in the outbox; %d arrived during the cut (sent before it); %d relay warnings during the cut",
+	t.Logf("broker cut (%s) for %s at %d of %d delivered, %d rows in the outbox; %d arrived during the cut (sent before it); %d relay warnings during the cut",
 		f.bus, outage, at, len(f.msgs), left, during, warnings)
 	if left == 0 {
 		t.Error("the outbox drained before the cut: the cut was not mid-drain")
 	}
+	back := time.Now()
 	f.waitDrained(t, c, 90*time.Second, "after the cut")
+	t.Logf("outbox drained %s after the cut ended", time.Since(back).Round(time.Millisecond))
 	c.term(t, 20*time.Second)
 	return f.check(t, true)
 }

@@ -1,8 +1,11 @@
 // Package nats publishes to and consumes from NATS JetStream, for the
 // tailrace bus.
 //
-// It is a thin, configured constructor over watermill-nats/v2 (pkg/nats with
-// JetStream on), with the settings a relay needs decided once:
+// The Publisher is a thin, configured constructor over watermill-nats/v2
+// (pkg/nats with JetStream on); the Subscriber is written here directly on
+// nats.go's JetStream API (see Subscriber for why), reusing watermill-nats's
+// message format and subject naming. The settings a relay needs are decided
+// once:
 //
 //   - Publish waits for JetStream's PubAck for every message: nil means the
 //     message is stored in a stream. A subject no stream captures fails with
@@ -17,7 +20,9 @@
 //   - Subscribers use durable consumers with explicit acks; a consumer group
 //     (Config.ConsumerGroup) shares one durable consumer and queue group, so
 //     each message goes to one member. Delivery is at-least-once; order is
-//     the stream's for a single subscriber.
+//     the stream's for a single subscriber. Subscribe's channel is closed
+//     exactly once, after the last send on it, and Close returns only once
+//     every such channel is closed.
 //   - The client reconnects by itself (Config.ReconnectWait, forever by
 //     default); a Publish during an outage fails after the JetStream
 //     request timeout.
@@ -26,7 +31,6 @@
 package nats
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -316,78 +320,3 @@ func (p *Publisher) Publish(topic string, messages ...*message.Message) error {
 
 // Close closes the connection.
 func (p *Publisher) Close() error { return p.scrub.Error(p.pub.Close()) }
-
-// Subscriber consumes from JetStream; see the package doc for its
-// guarantees.
-type Subscriber struct {
-	sub   *wnats.Subscriber
-	prov  *provisioner
-	conn  *nc.Conn
-	scrub secret.Scrubber
-}
-
-var (
-	_ message.Subscriber           = (*Subscriber)(nil)
-	_ message.SubscribeInitializer = (*Subscriber)(nil)
-)
-
-// NewSubscriber validates cfg and connects. A nil logger logs nothing.
-func NewSubscriber(cfg Config, logger watermill.LoggerAdapter) (*Subscriber, error) {
-	cfg.setDefaults()
-	if err := cfg.validate(); err != nil {
-		return nil, err
-	}
-	if logger == nil {
-		logger = watermill.NopLogger{}
-	}
-	logger = logger.With(watermill.LogFields{"component": "bus/nats.Subscriber"})
-	conn, scrub, err := connect(&cfg, logger)
-	if err != nil {
-		return nil, err
-	}
-	js := cfg.jetStream()
-	sub, err := wnats.NewSubscriberWithNatsConn(conn, wnats.SubscriberSubscriptionConfig{
-		Unmarshaler:       &wnats.NATSMarshaler{},
-		SubscribersCount:  cfg.Subscribers,
-		AckWaitTimeout:    cfg.AckWait,
-		CloseTimeout:      cfg.CloseTimeout,
-		SubscribeTimeout:  cfg.ConnectTimeout,
-		QueueGroupPrefix:  cfg.ConsumerGroup,
-		SubjectCalculator: wnats.DefaultSubjectCalculator,
-		JetStream:         js,
-	}, logger)
-	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("bus/nats: %w", scrub.Error(err))
-	}
-	jsm, err := conn.JetStream(js.ConnectOptions...)
-	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("bus/nats: %w", scrub.Error(err))
-	}
-	return &Subscriber{sub: sub, prov: &provisioner{js: jsm, off: cfg.NoProvision}, conn: conn, scrub: scrub}, nil
-}
-
-// Subscribe makes sure topic's stream exists (unless NoProvision) and
-// returns the messages delivered to this subscriber. The channel closes when
-// ctx is done or the subscriber is closed.
-func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
-	if err := s.prov.ensure(topic); err != nil {
-		return nil, s.scrub.Error(err)
-	}
-	ch, err := s.sub.Subscribe(ctx, topic)
-	if err != nil {
-		return nil, fmt.Errorf("bus/nats: subscribe to %q: %w", topic, s.scrub.Error(err))
-	}
-	return ch, nil
-}
-
-// SubscribeInitialize creates topic's stream, so messages published before
-// the first Subscribe are kept.
-func (s *Subscriber) SubscribeInitialize(topic string) error {
-	return s.scrub.Error(s.prov.ensure(topic))
-}
-
-// Close stops the subscriptions, waits up to CloseTimeout for in-flight
-// messages and drains the connection.
-func (s *Subscriber) Close() error { return s.scrub.Error(s.sub.Close()) }

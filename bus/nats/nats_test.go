@@ -1,6 +1,7 @@
 package nats_test
 
 import (
+	"context"
 	"errors"
 	"strings"
 	"testing"
@@ -108,7 +109,12 @@ func TestUniversalPubSub(t *testing.T) {
 	prefix := testenv.UniqueName("tr")
 	url := setup(t, prefix)
 	constructor := func(t *testing.T, group string) (message.Publisher, message.Subscriber) {
-		cfg := busnats.Config{URL: url, ConsumerGroup: group}
+		// Close gives handed-over messages CloseTimeout (default 30s) to be
+		// acked before giving them up. The suite often closes while holding
+		// unacked messages: TestMessageCtx wants such a message's context
+		// cancelled within 15s, and TestConcurrentSubscribe's multiplier
+		// leaves one unacked per subscriber, closing them one by one.
+		cfg := busnats.Config{URL: url, ConsumerGroup: group, CloseTimeout: 250 * time.Millisecond}
 		if group != "" {
 			cfg.Subscribers = 2
 		}
@@ -138,4 +144,185 @@ func TestUniversalPubSub(t *testing.T) {
 		func(t *testing.T) (message.Publisher, message.Subscriber) { return constructor(t, "") },
 		constructor,
 	)
+}
+
+// publishN publishes n messages to topic and returns their UUIDs in order.
+func publishN(t *testing.T, url, topic string, n int) []string {
+	t.Helper()
+	pub, err := busnats.NewPublisher(busnats.Config{URL: url}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	var ids []string
+	for range n {
+		msg := message.NewMessage(watermill.NewUUID(), []byte("x"))
+		if err := pub.Publish(topic, msg); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, msg.UUID)
+	}
+	return ids
+}
+
+func receive(t *testing.T, ch <-chan *message.Message) *message.Message {
+	t.Helper()
+	select {
+	case msg, ok := <-ch:
+		if !ok {
+			t.Fatal("channel closed, want a message")
+		}
+		return msg
+	case <-time.After(10 * time.Second):
+		t.Fatal("no message within 10s")
+	}
+	return nil
+}
+
+func isClosed(ch <-chan *message.Message) bool {
+	select {
+	case _, ok := <-ch:
+		return !ok
+	default:
+		return false
+	}
+}
+
+// An ack sent while Close waits for in-flight messages reaches the server
+// (AckSync succeeds, so nothing is logged as an error), and Close returns
+// only after the channel is closed.
+func TestCloseWaitsForInFlightAck(t *testing.T) {
+	prefix := testenv.UniqueName("tr")
+	url := setup(t, prefix)
+	topic := prefix + ".inflight"
+	ids := publishN(t, url, topic, 2)
+
+	logs := watermill.NewCaptureLogger()
+	sub, err := busnats.NewSubscriber(busnats.Config{URL: url, ConsumerGroup: "g", CloseTimeout: 10 * time.Second}, logs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, err := sub.Subscribe(t.Context(), topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := receive(t, ch)
+	if msg.UUID != ids[0] {
+		t.Fatalf("got %s, want the first message %s", msg.UUID, ids[0])
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- sub.Close() }()
+	time.Sleep(300 * time.Millisecond)
+	select {
+	case err := <-closed:
+		t.Fatalf("Close returned (%v) while a handed-over message waited for its ack", err)
+	default:
+	}
+	if msg.Context().Err() != nil {
+		t.Fatal("the in-flight message's context was cancelled before CloseTimeout")
+	}
+	acked := time.Now()
+	msg.Ack()
+	if err := <-closed; err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(acked); d > 3*time.Second {
+		t.Fatalf("Close took %v after the ack", d)
+	}
+	if !isClosed(ch) {
+		t.Fatal("Close returned before the channel was closed")
+	}
+	if msg.Context().Err() == nil {
+		t.Fatal("message context not cancelled after its ack")
+	}
+	if errs := logs.Captured()[watermill.ErrorLogLevel]; len(errs) > 0 {
+		t.Fatalf("errors logged (the ack did not reach the server?): %+v", errs)
+	}
+	if _, err := sub.Subscribe(t.Context(), topic); !errors.Is(err, busnats.ErrClosed) {
+		t.Fatalf("Subscribe after Close: %v, want ErrClosed", err)
+	}
+}
+
+// A message still unacked after CloseTimeout is given up: Close returns,
+// the channel is closed and the message context cancelled.
+func TestCloseGivesUpAfterCloseTimeout(t *testing.T) {
+	prefix := testenv.UniqueName("tr")
+	url := setup(t, prefix)
+	topic := prefix + ".giveup"
+	publishN(t, url, topic, 1)
+
+	sub, err := busnats.NewSubscriber(busnats.Config{URL: url, CloseTimeout: 500 * time.Millisecond}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, err := sub.Subscribe(t.Context(), topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := receive(t, ch)
+	start := time.Now()
+	if err := sub.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d < 400*time.Millisecond || d > 5*time.Second {
+		t.Fatalf("Close took %v, want about CloseTimeout (500ms)", d)
+	}
+	if !isClosed(ch) {
+		t.Fatal("Close returned before the channel was closed")
+	}
+	if msg.Context().Err() == nil {
+		t.Fatal("given-up message context not cancelled")
+	}
+	if err := sub.Close(); err != nil { // idempotent
+		t.Fatal(err)
+	}
+}
+
+// Subscriptions closed by their ctx and by Close while messages are being
+// handed over: every channel is closed once, nothing is sent on a closed
+// channel (a panic) and the race detector sees no race.
+func TestCloseWhileDelivering(t *testing.T) {
+	prefix := testenv.UniqueName("tr")
+	url := setup(t, prefix)
+	topic := prefix + ".churn"
+	publishN(t, url, topic, 50)
+
+	for round := range 5 {
+		sub, err := busnats.NewSubscriber(busnats.Config{URL: url, ConsumerGroup: "churn", Subscribers: 4, CloseTimeout: time.Second}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var chans []<-chan *message.Message
+		for i := range 6 {
+			ctx, cancel := context.WithCancel(t.Context())
+			ch, err := sub.Subscribe(ctx, topic)
+			if err != nil {
+				t.Fatal(err)
+			}
+			chans = append(chans, ch)
+			go func() {
+				n := 0
+				for msg := range ch {
+					if n++; n%2 == 0 {
+						msg.Nack()
+					} else {
+						msg.Ack()
+					}
+					if i%2 == 0 && n == 3 {
+						cancel()
+					}
+				}
+				cancel()
+			}()
+		}
+		time.Sleep(time.Duration(round*20) * time.Millisecond)
+		if err := sub.Close(); err != nil {
+			t.Fatal(err)
+		}
+		for i, ch := range chans {
+			if !isClosed(ch) {
+				t.Fatalf("round %d: channel %d not closed when Close returned", round, i)
+			}
+		}
+	}
 }

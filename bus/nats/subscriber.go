@@ -1,0 +1,305 @@
+package nats
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	wnats "github.com/ThreeDotsLabs/watermill-nats/v2/pkg/nats"
+	"github.com/ThreeDotsLabs/watermill/message"
+	nc "github.com/nats-io/nats.go"
+
+	"github.com/tailrace/tailrace/bus/internal/secret"
+)
+
+// ErrClosed is returned by Subscribe after Close.
+var ErrClosed = errors.New("bus/nats: subscriber closed")
+
+// Subscriber consumes from JetStream; see the package doc for its
+// guarantees.
+//
+// It is written directly on nats.go's JetStream API, with watermill-nats's
+// message format (NATSMarshaler) and subject naming, instead of delegating
+// to watermill-nats's Subscriber: that one (v2.1.3) closes the channel
+// returned by Subscribe as soon as the NATS subscriptions are unsubscribed,
+// but nats.go's Unsubscribe does not wait for a message callback in
+// progress, so the close races with that callback's send — a data race,
+// and a possible "send on closed channel" panic.
+//
+// Each message is handed over on the channel and waits there for the
+// handler: Ack sends an AckSync (it returns once the server has the ack),
+// Nack sends a Nak (immediate redelivery). The message's context is a child
+// of Subscribe's ctx and is cancelled once the ack or nack is sent, or the
+// message is given up. A message neither acked nor nacked within AckWait is
+// given up here; the server redelivers it.
+//
+// Closing, guaranteed:
+//   - The channel returned by Subscribe is closed exactly once, after every
+//     message callback that could send on it has returned: nothing is ever
+//     sent on a closed channel. It closes when ctx is done (messages not yet
+//     acked are given up at once) or on Close.
+//   - Close stops delivery, then waits up to CloseTimeout for the messages
+//     already handed over to be acked or nacked — those acks still reach the
+//     server, and the messages' contexts stay live meanwhile. Messages still
+//     unacked after CloseTimeout are given up (contexts cancelled; the server
+//     redelivers them after AckWait). Close returns only after every channel
+//     returned by Subscribe is closed, then drains the connection. So Close
+//     takes at most about CloseTimeout, plus one ack round trip in progress.
+//   - Close may be called more than once and concurrently; every call returns
+//     after the channels are closed. Subscribe after Close returns ErrClosed.
+//
+// Handlers must not wait for Close to return before acking the message they
+// hold: Close would wait CloseTimeout for that ack.
+type Subscriber struct {
+	conn   *nc.Conn
+	js     nc.JetStreamContext
+	jsCfg  wnats.JetStreamConfig
+	cfg    Config
+	prov   *provisioner
+	scrub  secret.Scrubber
+	logger watermill.LoggerAdapter
+
+	mu          sync.Mutex // guards closed and the outputs.Add that must precede outputs.Wait
+	closed      bool
+	closing     chan struct{}  // closed by Close: stop delivering
+	abandon     chan struct{}  // closed CloseTimeout after Close: stop waiting for acks
+	closeErr    error          // written before done is closed
+	done        chan struct{}  // closed when Close has finished
+	outputs     sync.WaitGroup // one per Subscribe; Done once its channel is closed
+	unmarshaler wnats.NATSMarshaler
+}
+
+var (
+	_ message.Subscriber           = (*Subscriber)(nil)
+	_ message.SubscribeInitializer = (*Subscriber)(nil)
+)
+
+// NewSubscriber validates cfg and connects. A nil logger logs nothing.
+func NewSubscriber(cfg Config, logger watermill.LoggerAdapter) (*Subscriber, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if logger == nil {
+		logger = watermill.NopLogger{}
+	}
+	logger = logger.With(watermill.LogFields{"component": "bus/nats.Subscriber"})
+	conn, scrub, err := connect(&cfg, logger)
+	if err != nil {
+		return nil, err
+	}
+	jsCfg := cfg.jetStream()
+	js, err := conn.JetStream(jsCfg.ConnectOptions...)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("bus/nats: %w", scrub.Error(err))
+	}
+	return &Subscriber{
+		conn:    conn,
+		js:      js,
+		jsCfg:   jsCfg,
+		cfg:     cfg,
+		prov:    &provisioner{js: js, off: cfg.NoProvision},
+		scrub:   scrub,
+		logger:  logger,
+		closing: make(chan struct{}),
+		abandon: make(chan struct{}),
+		done:    make(chan struct{}),
+	}, nil
+}
+
+// Subscribe makes sure topic's stream exists (unless NoProvision), opens
+// Config.Subscribers subscriptions on it and returns the messages delivered
+// to this subscriber. The channel closes when ctx is done or the subscriber
+// is closed; see Subscriber for the guarantees.
+func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
+	if err := s.prov.ensure(topic); err != nil {
+		return nil, s.scrub.Error(err)
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil, ErrClosed
+	}
+	s.outputs.Add(1)
+	s.mu.Unlock()
+
+	o := &output{s: s, ctx: ctx, ch: make(chan *message.Message), stop: make(chan struct{})}
+	subject := wnats.DefaultSubjectCalculator(s.cfg.ConsumerGroup, topic)
+	opts := slices.Clone(s.jsCfg.SubscribeOptions)
+	if durable := s.jsCfg.CalculateDurableName(subject.Primary); durable != "" {
+		opts = append(opts, nc.Durable(durable))
+	} else {
+		opts = append(opts, nc.BindStream("")) // an ephemeral consumer on the stream capturing the subject
+	}
+	for i := range s.cfg.Subscribers {
+		fields := watermill.LogFields{"topic": topic, "subscriber_num": i}
+		sub, err := s.js.QueueSubscribe(subject.Primary, subject.QueueGroup, func(m *nc.Msg) { o.handle(m, fields) }, opts...)
+		if err != nil {
+			o.shutdown() // the subscriptions opened so far
+			return nil, fmt.Errorf("bus/nats: subscribe to %q: %w", topic, s.scrub.Error(err))
+		}
+		o.subs = append(o.subs, sub)
+	}
+	go o.run()
+	return o.ch, nil
+}
+
+// SubscribeInitialize creates topic's stream, so messages published before
+// the first Subscribe are kept.
+func (s *Subscriber) SubscribeInitialize(topic string) error {
+	return s.scrub.Error(s.prov.ensure(topic))
+}
+
+// Close stops the subscriptions, waits up to CloseTimeout for in-flight
+// messages, returns once every channel returned by Subscribe is closed, and
+// drains the connection. See Subscriber.
+func (s *Subscriber) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		<-s.done
+		return s.closeErr
+	}
+	s.closed = true
+	close(s.closing)
+	s.mu.Unlock()
+	defer close(s.done)
+
+	closed := make(chan struct{})
+	go func() {
+		s.outputs.Wait()
+		close(closed)
+	}()
+	timer := time.NewTimer(s.cfg.CloseTimeout)
+	select {
+	case <-closed:
+		timer.Stop()
+	case <-timer.C:
+		s.logger.Info("Messages not acked within CloseTimeout are given up; the server redelivers them after AckWait",
+			watermill.LogFields{"close_timeout": s.cfg.CloseTimeout.String()})
+		close(s.abandon)
+		<-closed
+	}
+	if err := s.conn.Drain(); err != nil && !errors.Is(err, nc.ErrConnectionClosed) {
+		s.closeErr = fmt.Errorf("bus/nats: drain connection: %w", s.scrub.Error(err))
+	}
+	return s.closeErr
+}
+
+// output is one Subscribe call: its NATS subscriptions and its channel.
+//
+// A message callback holds mu.RLock from its check of closed until it
+// returns, that is for the hand-over and the wait for the ack; shutdown
+// sets closed and closes ch under mu.Lock, so ch is closed only after every
+// callback that could send on it has returned, and a callback that starts
+// later sees closed and sends nothing. stop, closed before shutdown takes
+// the lock, ends the hand-overs at once; the waits for acks end with the
+// ack or nack, AckWait, the subscriber's abandon (CloseTimeout after Close)
+// or ctx.
+//
+// The NATS subscriptions are unsubscribed last: nats.go deletes a consumer
+// it created when its subscription is unsubscribed, and the acks sent while
+// Close waits must reach that consumer.
+type output struct {
+	s    *Subscriber
+	ctx  context.Context
+	subs []*nc.Subscription
+	ch   chan *message.Message
+	stop chan struct{}
+
+	mu     sync.RWMutex
+	closed bool
+}
+
+// run shuts the output down when its ctx is done or the subscriber closes.
+func (o *output) run() {
+	select {
+	case <-o.s.closing:
+	case <-o.ctx.Done():
+	}
+	o.shutdown()
+}
+
+func (o *output) shutdown() {
+	close(o.stop)
+	o.mu.Lock()
+	o.closed = true
+	close(o.ch)
+	o.mu.Unlock()
+	for _, sub := range o.subs {
+		if err := sub.Unsubscribe(); err != nil && !errors.Is(err, nc.ErrConnectionClosed) && !errors.Is(err, nc.ErrBadSubscription) {
+			o.s.logger.Error("Cannot unsubscribe", o.s.scrub.Error(err), watermill.LogFields{"subject": sub.Subject})
+		}
+	}
+	o.s.outputs.Done()
+}
+
+// handle runs on nats.go's delivery goroutine of one subscription: it hands
+// m over and waits for its ack or nack.
+func (o *output) handle(m *nc.Msg, fields watermill.LogFields) {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	if o.closed {
+		return // not acked: redelivered
+	}
+	s := o.s
+	ackWait := time.NewTimer(s.cfg.AckWait) // the server's AckWait runs from delivery
+	defer ackWait.Stop()
+
+	msg, err := s.unmarshaler.Unmarshal(m)
+	if err != nil {
+		s.logger.Error("Cannot unmarshal message", err, fields)
+		return
+	}
+	fields = fields.Add(watermill.LogFields{"message_uuid": msg.UUID})
+	ctx, cancel := context.WithCancel(o.ctx)
+	defer cancel()
+	msg.SetContext(ctx)
+
+	select { // do not hand over once closing, even if a receiver is ready
+	case <-o.stop:
+		return
+	default:
+	}
+	select {
+	case o.ch <- msg:
+	case <-o.stop:
+		s.logger.Trace("Closing, message not handed over", fields)
+		return
+	case <-ctx.Done():
+		s.logger.Trace("Context done, message not handed over", fields)
+		return
+	}
+
+	select {
+	case <-msg.Acked():
+		if m.Reply == "" {
+			return
+		}
+		if err := m.AckSync(); err != nil {
+			s.logger.Error("Cannot ack message", s.scrub.Error(err), fields)
+			return
+		}
+		s.logger.Trace("Message acked", fields)
+	case <-msg.Nacked():
+		if m.Reply == "" {
+			return
+		}
+		if err := m.Nak(); err != nil {
+			s.logger.Error("Cannot nak message", s.scrub.Error(err), fields)
+			return
+		}
+		s.logger.Trace("Message nacked", fields)
+	case <-ackWait.C:
+		s.logger.Info("Message not acked within AckWait, given up; the server redelivers it", fields)
+	case <-s.abandon:
+		s.logger.Trace("Closed, message given up before its ack", fields)
+	case <-ctx.Done():
+		s.logger.Trace("Context done, message given up before its ack", fields)
+	}
+}

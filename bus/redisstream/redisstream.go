@@ -27,6 +27,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -196,13 +197,25 @@ func (p *Publisher) Publish(topic string, messages ...*message.Message) error {
 // Close closes the client.
 func (p *Publisher) Close() error { return p.scrub.Error(p.pub.Close()) }
 
+// ErrClosed is returned by Subscribe after Close.
+var ErrClosed = errors.New("bus/redisstream: subscriber closed")
+
 // Subscriber reads streams; see the package doc.
+//
+// The channel returned by Subscribe is closed once, by the goroutine that
+// sends on it, and Close returns only after every such channel is closed
+// (watermill-redisstream's own ordering). Subscribe and Close may be called
+// concurrently: this wrapper serialises them, because watermill-redisstream
+// (v1.4.5) reads its closed flag and adds to the WaitGroup that Close waits
+// on without any synchronisation with Close — a data race, and a Subscribe
+// that slips past Close's Wait. Subscribe after Close returns ErrClosed.
 type Subscriber struct {
 	sub   *redisstream.Subscriber
 	scrub secret.Scrubber
-}
 
-var _ message.Subscriber = (*Subscriber)(nil)
+	mu     sync.RWMutex // Subscribe holds RLock, Close takes Lock to set closed
+	closed bool
+}
 
 // NewSubscriber validates cfg and connects. A nil logger logs nothing.
 func NewSubscriber(cfg Config, logger watermill.LoggerAdapter) (*Subscriber, error) {
@@ -239,6 +252,11 @@ func NewSubscriber(cfg Config, logger watermill.LoggerAdapter) (*Subscriber, err
 // Subscribe returns the entries of the stream named topic (see ConsumerGroup
 // for which ones). The channel closes when ctx is done or on Close.
 func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
 	ch, err := s.sub.Subscribe(ctx, topic)
 	if err != nil {
 		return nil, fmt.Errorf("bus/redisstream: subscribe to %q: %w", topic, s.scrub.Error(err))
@@ -246,5 +264,13 @@ func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *messa
 	return ch, nil
 }
 
-// Close stops the subscriptions and closes the client.
-func (s *Subscriber) Close() error { return s.scrub.Error(s.sub.Close()) }
+// Close stops the subscriptions, returns once every channel returned by
+// Subscribe is closed, and closes the client. With a ConsumerGroup, messages
+// handed over but not yet acked stay pending (another member claims them
+// after MaxIdleTime).
+func (s *Subscriber) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	return s.scrub.Error(s.sub.Close())
+}

@@ -2,7 +2,9 @@ package redisstream_test
 
 import (
 	"context"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -134,4 +136,50 @@ func TestUniversalPubSub(t *testing.T) {
 		},
 		constructor,
 	)
+}
+
+// Subscribe and Close called concurrently: Close returns only after every
+// channel Subscribe returned is closed, and the race detector sees no race.
+func TestConcurrentSubscribeAndClose(t *testing.T) {
+	prefix := testenv.UniqueName("tr")
+	url := setup(t, prefix)
+	for round := range 10 {
+		sub, err := redisstream.NewSubscriber(redisstream.Config{URL: url, ConsumerGroup: "g"}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var mu sync.Mutex
+		var chans []<-chan *message.Message
+		var wg sync.WaitGroup
+		for i := range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ch, err := sub.Subscribe(context.Background(), prefix+".t"+strconv.Itoa(i))
+				if err != nil {
+					return // closed first
+				}
+				mu.Lock()
+				chans = append(chans, ch)
+				mu.Unlock()
+			}()
+		}
+		time.Sleep(time.Duration(round) * time.Millisecond)
+		if err := sub.Close(); err != nil {
+			t.Fatal(err)
+		}
+		mu.Lock()
+		for i, ch := range chans {
+			select {
+			case _, ok := <-ch:
+				if ok {
+					t.Fatalf("round %d: message on channel %d after Close", round, i)
+				}
+			default:
+				t.Fatalf("round %d: channel %d not closed when Close returned", round, i)
+			}
+		}
+		mu.Unlock()
+		wg.Wait()
+	}
 }

@@ -2,6 +2,7 @@ package amqp
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 
@@ -24,10 +25,34 @@ import (
 // its own queue name to have every group receive every message. Order is
 // preserved for one consumer of a queue as long as nothing is nacked.
 // It reconnects after the broker restarts (watermill-amqp's backoff).
+//
+// Closing: the channel returned by Subscribe is this wrapper's own, sent on
+// and closed by one goroutine, so it is closed exactly once and never sent on
+// after. It closes when ctx is done — even if nobody reads it any more — or
+// on Close, and Close returns only after every such channel is closed. A
+// message not handed over when the channel closes is nacked (requeued); one
+// handed over and neither acked nor nacked stays unacked on its AMQP channel
+// until Close, which requeues it.
+//
+// Why a wrapper: watermill-amqp (v2.1.1) waits to hand a message over, and
+// for its ack, without watching ctx, so its channel stays open after ctx is
+// done until something reads it or Close; and Subscribe concurrent with Close
+// is a data race there (its WaitGroup Add against Close's Wait, and the
+// connection's connected field rewritten on close while Subscribe reads it).
+// Subscribe and Close are serialised here; Subscribe after Close returns
+// ErrSubscriberClosed.
 type Subscriber struct {
 	sub   *wamqp.Subscriber
 	scrub scrubber
+
+	mu      sync.RWMutex // Subscribe holds RLock; Close takes Lock to set closed
+	closed  bool
+	closing chan struct{}
+	wg      sync.WaitGroup // one per Subscribe, Done once its channel is closed and drained
 }
+
+// ErrSubscriberClosed is returned by Subscribe after Close.
+var ErrSubscriberClosed = errors.New("bus/amqp: subscriber closed")
 
 var _ message.Subscriber = (*Subscriber)(nil)
 
@@ -47,15 +72,61 @@ func NewSubscriber(cfg Config, logger watermill.LoggerAdapter) (*Subscriber, err
 	if err != nil {
 		return nil, fmt.Errorf("bus/amqp: subscriber for %s: %w", RedactURL(cfg.URL), scrub.Error(err))
 	}
-	return &Subscriber{sub: sub, scrub: scrub}, nil
+	return &Subscriber{sub: sub, scrub: scrub, closing: make(chan struct{})}, nil
 }
 
 // Subscribe declares topic's exchange and queue and returns the messages
 // delivered to the queue. The channel closes when ctx is done or the
 // subscriber is closed.
 func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
-	ch, err := s.sub.Subscribe(ctx, topic)
-	return ch, s.scrub.Error(err)
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.closed {
+		return nil, ErrSubscriberClosed
+	}
+	in, err := s.sub.Subscribe(ctx, topic)
+	if err != nil {
+		return nil, s.scrub.Error(err)
+	}
+	out := make(chan *message.Message)
+	s.wg.Add(1) // under RLock: before Close's Wait
+	go s.forward(ctx, in, out)
+	return out, nil
+}
+
+// forward hands messages from watermill-amqp's channel to the caller's until
+// in closes, ctx is done or the subscriber closes; then it closes out and
+// nacks whatever watermill-amqp still hands over until it closes in (it
+// does once it sees ctx or Close).
+func (s *Subscriber) forward(ctx context.Context, in <-chan *message.Message, out chan<- *message.Message) {
+	defer s.wg.Done()
+	defer func() {
+		for msg := range in {
+			msg.Nack()
+		}
+	}()
+	defer close(out)
+	for {
+		select {
+		case msg, ok := <-in:
+			if !ok {
+				return
+			}
+			select {
+			case out <- msg:
+			case <-s.closing:
+				msg.Nack()
+				return
+			case <-ctx.Done():
+				msg.Nack()
+				return
+			}
+		case <-s.closing:
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
 }
 
 // SubscribeInitialize declares topic's exchange and queue without consuming,
@@ -64,8 +135,20 @@ func (s *Subscriber) SubscribeInitialize(topic string) error {
 	return s.scrub.Error(s.sub.SubscribeInitialize(topic))
 }
 
-// Close stops every subscription and closes the connection.
-func (s *Subscriber) Close() error { return s.scrub.Error(s.sub.Close()) }
+// Close stops every subscription, requeues the messages not acked, returns
+// once every channel returned by Subscribe is closed, and closes the
+// connection.
+func (s *Subscriber) Close() error {
+	s.mu.Lock()
+	if !s.closed {
+		s.closed = true
+		close(s.closing)
+	}
+	s.mu.Unlock()
+	err := s.sub.Close() // closes watermill-amqp's channels, so the forwards end
+	s.wg.Wait()
+	return s.scrub.Error(err)
+}
 
 // watermillConfig translates a defaulted Config for watermill-amqp.
 func watermillConfig(cfg Config) wamqp.Config {

@@ -313,9 +313,18 @@ func (q *relaySQL) resetClaims(ctx context.Context, db *sql.DB, parts []int, exc
 // ack deletes relayed rows or, with retention, stamps relayed_at.
 func (q *relaySQL) ack(ctx context.Context, db *sql.DB, ids []int64, retain bool) error {
 	var s string
-	if retain {
+	switch {
+	case retain:
 		s = `UPDATE ` + q.t + ` SET relayed_at = ` + q.now() + ` WHERE id IN (` + intList(ids) + `)`
-	} else {
+	case q.my:
+		// InnoDB: a DELETE … WHERE id IN (…) on a small table is planned as
+		// a full scan, which waits for the row lock of every uncommitted
+		// INSERT it passes — a long transaction that staged messages would
+		// stall every acknowledgement, and so the relay. Looking the ids up
+		// one by one through the primary key touches only the acked rows.
+		s = `DELETE o FROM JSON_TABLE('[` + intList(ids) + `]', '$[*]' COLUMNS (id BIGINT PATH '$')) AS acked` +
+			` STRAIGHT_JOIN ` + q.t + ` AS o ON o.id = acked.id`
+	default:
 		s = `DELETE FROM ` + q.t + ` WHERE id IN (` + intList(ids) + `)`
 	}
 	_, err := q.execOutbox(ctx, db, s)

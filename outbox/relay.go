@@ -243,7 +243,15 @@ type Relay struct {
 	once sync.Once
 	done chan struct{}
 	err  error
+
+	mu      sync.Mutex
+	started bool // Run was called
+	closed  bool // Close was called
 }
+
+// ErrRelayClosed is returned by Run on a relay that was closed before it
+// ran. A closed relay cannot run again: build a new one.
+var ErrRelayClosed = errors.New("outbox: relay closed")
 
 // NewRelay builds a relay that reads the outbox table cfg.Table in db and
 // publishes every message to its destination topic through publisher. With
@@ -293,6 +301,13 @@ func (r *Relay) Owner() string { return r.cfg.Owner }
 // does not return on database or broker outages: it retries them with
 // backoff and logs.
 func (r *Relay) Run(ctx context.Context) error {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return ErrRelayClosed
+	}
+	r.started = true
+	r.mu.Unlock()
 	stop := make(chan struct{})
 	defer close(stop)
 	go func() {
@@ -321,10 +336,20 @@ func (r *Relay) Running() <-chan struct{} { return r.fwd.Running() }
 // Close stops claiming, waits up to CloseTimeout for the messages in flight
 // to be confirmed, deletes the rows of those that were, and releases the
 // relay's partitions so other relays take them over at once. Nothing
-// unconfirmed is acknowledged. Close is idempotent.
+// unconfirmed is acknowledged. Close is idempotent; on a relay that never
+// ran it returns at once, and a later Run returns ErrRelayClosed.
 func (r *Relay) Close() error {
 	r.once.Do(func() {
-		err := r.fwd.Close()
+		r.mu.Lock()
+		r.closed = true
+		started := r.started
+		r.mu.Unlock()
+		var err error
+		if started {
+			// A router that never ran would wait out its close timeout
+			// for handlers that never started.
+			err = r.fwd.Close()
+		}
 		// The router closes the subscriber only if Run got that far.
 		r.err = errors.Join(err, r.sub.Close())
 		close(r.done)

@@ -27,22 +27,15 @@ var ProviderSet = wire.NewSet(New, NewInbox, ProvideRelay)
 // ProvideRelay is NewRelay for Wire: it needs the database holding the
 // outbox table, the publisher the messages go to, a logger and the relay's
 // configuration, and provides the *Relay; Run starts it, and closes it when
-// its context is done. The returned cleanup closes a relay that is running
-// or ran (Close: stops claiming, waits up to RelayConfig.CloseTimeout for the
-// messages in flight, releases the partitions; a no-op after Run returned).
-// A relay whose Run never started holds no connection or goroutine and is
-// left alone: Close would wait for the forwarder's close timeout there. Call
-// the cleanup after Run returned, as an injector's cleanup usually is.
+// its context is done. The returned cleanup closes the relay (Close: stops
+// claiming, waits up to RelayConfig.CloseTimeout for the messages in flight,
+// releases the partitions; at once if Run never started, and a no-op after
+// Run returned). Call the cleanup after Run returned, as an injector's
+// cleanup usually is.
 func ProvideRelay(db *sql.DB, publisher message.Publisher, logger *slog.Logger, cfg RelayConfig) (*Relay, func(), error) {
 	r, err := NewRelay(db, publisher, logger, cfg)
 	if err != nil {
 		return nil, nil, err
 	}
-	return r, func() {
-		select {
-		case <-r.Running():
-			_ = r.Close()
-		default:
-		}
-	}, nil
+	return r, func() { _ = r.Close() }, nil
 }

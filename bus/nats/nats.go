@@ -202,17 +202,13 @@ func (c *Config) natsOptions(logger watermill.LoggerAdapter, red string) []nc.Op
 }
 
 func (c *Config) jetStream() wnats.JetStreamConfig {
-	js := wnats.JetStreamConfig{
-		AutoProvision:    false, // done here, cached, with valid stream names
-		ConnectOptions:   []nc.JSOpt{nc.MaxWait(c.PublishTimeout)},
-		SubscribeOptions: []nc.SubOpt{nc.DeliverAll(), nc.AckExplicit(), nc.AckWait(c.AckWait)},
-		TrackMsgId:       !c.NoMsgID,
+	// Only the Publisher uses this; the Subscriber sets up its consumers
+	// itself (consumer.go).
+	return wnats.JetStreamConfig{
+		AutoProvision:  false, // done here, cached, with valid stream names
+		ConnectOptions: []nc.JSOpt{nc.MaxWait(c.PublishTimeout)},
+		TrackMsgId:     !c.NoMsgID,
 	}
-	if c.ConsumerGroup != "" {
-		js.DurablePrefix = c.ConsumerGroup
-		js.DurableCalculator = func(prefix, topic string) string { return StreamName(prefix + "_" + topic) }
-	}
-	return js
 }
 
 // provisioner creates streams on first use and remembers them.

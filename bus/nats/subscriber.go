@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"sync"
 	"time"
 
@@ -57,7 +56,7 @@ var ErrClosed = errors.New("bus/nats: subscriber closed")
 type Subscriber struct {
 	conn   *nc.Conn
 	js     nc.JetStreamContext
-	jsCfg  wnats.JetStreamConfig
+	inbox  string // the connection's inbox prefix, for deliver subjects
 	cfg    Config
 	prov   *provisioner
 	scrub  secret.Scrubber
@@ -92,8 +91,7 @@ func NewSubscriber(cfg Config, logger watermill.LoggerAdapter) (*Subscriber, err
 	if err != nil {
 		return nil, err
 	}
-	jsCfg := cfg.jetStream()
-	js, err := conn.JetStream(jsCfg.ConnectOptions...)
+	js, err := conn.JetStream(nc.MaxWait(cfg.PublishTimeout))
 	if err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("bus/nats: %w", scrub.Error(err))
@@ -101,7 +99,7 @@ func NewSubscriber(cfg Config, logger watermill.LoggerAdapter) (*Subscriber, err
 	return &Subscriber{
 		conn:    conn,
 		js:      js,
-		jsCfg:   jsCfg,
+		inbox:   inboxPrefix(conn),
 		cfg:     cfg,
 		prov:    &provisioner{js: js, off: cfg.NoProvision},
 		scrub:   scrub,
@@ -116,8 +114,21 @@ func NewSubscriber(cfg Config, logger watermill.LoggerAdapter) (*Subscriber, err
 // Config.Subscribers subscriptions on it and returns the messages delivered
 // to this subscriber. The channel closes when ctx is done or the subscriber
 // is closed; see Subscriber for the guarantees.
+//
+// With a ConsumerGroup, Subscribe first creates the group's durable consumer
+// (ConsumerName) when it does not exist yet, and checks it when it does: a
+// consumer this subscriber cannot use fails with an error wrapping
+// ErrConsumerMismatch. The subscriptions are bound to that consumer, so
+// neither their end nor Close deletes it.
 func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
-	if err := s.prov.ensure(topic); err != nil {
+	if s.isClosed() {
+		return nil, ErrClosed
+	}
+	opts, err := s.setUp(topic)
+	if err != nil {
+		if s.isClosed() { // the connection was closed under the set-up
+			return nil, ErrClosed
+		}
 		return nil, s.scrub.Error(err)
 	}
 	s.mu.Lock()
@@ -129,16 +140,11 @@ func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *messa
 	s.mu.Unlock()
 
 	o := &output{s: s, ctx: ctx, ch: make(chan *message.Message), stop: make(chan struct{})}
-	subject := wnats.DefaultSubjectCalculator(s.cfg.ConsumerGroup, topic)
-	opts := slices.Clone(s.jsCfg.SubscribeOptions)
-	if durable := s.jsCfg.CalculateDurableName(subject.Primary); durable != "" {
-		opts = append(opts, nc.Durable(durable))
-	} else {
-		opts = append(opts, nc.BindStream("")) // an ephemeral consumer on the stream capturing the subject
-	}
+	// Subject and queue group as watermill-nats's DefaultSubjectCalculator:
+	// the topic, and the consumer group.
 	for i := range s.cfg.Subscribers {
 		fields := watermill.LogFields{"topic": topic, "subscriber_num": i}
-		sub, err := s.js.QueueSubscribe(subject.Primary, subject.QueueGroup, func(m *nc.Msg) { o.handle(m, fields) }, opts...)
+		sub, err := s.js.QueueSubscribe(topic, s.cfg.ConsumerGroup, func(m *nc.Msg) { o.handle(m, fields) }, opts...)
 		if err != nil {
 			o.shutdown() // the subscriptions opened so far
 			return nil, fmt.Errorf("bus/nats: subscribe to %q: %w", topic, s.scrub.Error(err))
@@ -147,6 +153,39 @@ func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *messa
 	}
 	go o.run()
 	return o.ch, nil
+}
+
+// setUp makes sure topic's stream and, with a ConsumerGroup, the group's
+// durable consumer exist, and returns the options to subscribe with.
+func (s *Subscriber) setUp(topic string) ([]nc.SubOpt, error) {
+	if err := s.prov.ensure(topic); err != nil {
+		return nil, err
+	}
+	// nats.go acks a message itself when the callback returns unless
+	// ManualAck is set: a message given up (not handed over, or not acked
+	// in time) would be acked, that is lost, instead of redelivered.
+	opts := []nc.SubOpt{nc.ManualAck()}
+	group := s.cfg.ConsumerGroup
+	if group == "" {
+		// An ephemeral consumer on the stream capturing the subject, created
+		// by nats.go, which deletes it when the subscription ends.
+		return append(opts, nc.BindStream(""), nc.DeliverAll(), nc.AckExplicit(), nc.AckWait(s.cfg.AckWait)), nil
+	}
+	stream, err := s.js.StreamNameBySubject(topic)
+	if err != nil {
+		return nil, fmt.Errorf("bus/nats: find the stream of topic %q: %w", topic, err)
+	}
+	g := &groupConsumer{stream: stream, name: ConsumerName(group, topic), group: group, topic: topic, ackWait: s.cfg.AckWait}
+	if err := g.ensure(s.js, s.inbox); err != nil {
+		return nil, err
+	}
+	return append(opts, nc.Bind(g.stream, g.name)), nil
+}
+
+func (s *Subscriber) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
 }
 
 // SubscribeInitialize creates topic's stream, so messages published before
@@ -202,9 +241,11 @@ func (s *Subscriber) Close() error {
 // ack or nack, AckWait, the subscriber's abandon (CloseTimeout after Close)
 // or ctx.
 //
-// The NATS subscriptions are unsubscribed last: nats.go deletes a consumer
-// it created when its subscription is unsubscribed, and the acks sent while
-// Close waits must reach that consumer.
+// The NATS subscriptions are unsubscribed last: nats.go deletes the
+// ephemeral consumer it created (no ConsumerGroup) when its subscription is
+// unsubscribed, and the acks sent while Close waits must reach that
+// consumer. A consumer group's durable consumer is bound, not created by
+// nats.go, and outlives the subscriptions.
 type output struct {
 	s    *Subscriber
 	ctx  context.Context

@@ -108,7 +108,7 @@ func (g *groupConsumer) check(info *nc.ConsumerInfo) error {
 		diffs = append(diffs, fmt.Sprintf("ack policy is %q, want %q", c.AckPolicy, nc.AckExplicitPolicy))
 	}
 	if c.AckWait != g.ackWait {
-		diffs = append(diffs, fmt.Sprintf("ack wait is %v, want %v (Config.AckWait)", c.AckWait, g.ackWait))
+		diffs = append(diffs, fmt.Sprintf("ack wait is %v, want %v (Config.AckWait; JetStreamManager.UpdateConsumer can change it and keep the position)", c.AckWait, g.ackWait))
 	}
 	if c.Heartbeat > 0 || c.FlowControl {
 		diffs = append(diffs, "idle heartbeat or flow control is on, which queue subscriptions cannot use")

@@ -17,15 +17,42 @@
 //   - Each message carries its UUID as Nats-Msg-Id, so JetStream drops a
 //     re-publish of the same message within the stream's duplicate window
 //     (2 minutes by default): a relay retry does not make a second copy.
-//   - Subscribers use durable consumers with explicit acks; a consumer group
-//     (Config.ConsumerGroup) shares one durable consumer and queue group, so
-//     each message goes to one member. Delivery is at-least-once; order is
-//     the stream's for a single subscriber. Subscribe's channel is closed
-//     exactly once, after the last send on it, and Close returns only once
-//     every such channel is closed.
+//   - A consumer group (Config.ConsumerGroup) shares one durable consumer
+//     and queue group, so each message goes to one member. Delivery is
+//     at-least-once with explicit acks; order is the stream's for a single
+//     subscriber. Subscribe's channel is closed exactly once, after the last
+//     send on it, and Close returns only once every such channel is closed.
 //   - The client reconnects by itself (Config.ReconnectWait, forever by
 //     default); a Publish during an outage fails after the JetStream
 //     request timeout.
+//
+// Consumer groups are durable: the group's consumer, named
+// ConsumerName(group, topic) on the topic's stream, is created with the
+// JetStream management API by the first Subscribe of any member (starting
+// at the stream's first message) and only bound to by the subscriptions, so
+// no member's Close, crash or restart deletes it; it lives as long as the
+// stream. A member that (re)starts continues from the group's position: it
+// gets the messages published while no member ran and those left unacked
+// (after AckWait), never those already acked. Members may start at the same
+// time; one creates the consumer, the others use it. An existing consumer
+// is checked against the Config (deliver group, filter subject = topic,
+// explicit acks, AckWait, push delivery) and a mismatch fails Subscribe with
+// ErrConsumerMismatch. To reset or retire a group, delete its consumer
+// while no member runs, with `nats consumer rm <stream> <consumer>` where
+// the nats CLI is installed, or from Go (busnats being this package, js a
+// nats.go JetStreamContext):
+//
+//	err := js.DeleteConsumer(busnats.StreamName(topic), busnats.ConsumerName(group, topic))
+//
+// The next member recreates it at the stream's first message. To change a group's AckWait without losing its position,
+// update the consumer's AckWait (JetStreamManager.UpdateConsumer) when
+// deploying the new Config.
+//
+// Without a ConsumerGroup nothing is durable: each Subscribe call gets an
+// ephemeral consumer of its own that starts at the stream's first message
+// and is deleted when the subscription ends (or by the server, once a
+// crashed process has been gone a while), so a restart receives the whole
+// stream again.
 //
 // Credentials in the URL never appear in a log line or a returned error.
 package nats
@@ -84,9 +111,10 @@ type Config struct {
 	NoMsgID bool
 
 	// ConsumerGroup makes subscribers of one topic with the same group share
-	// a durable consumer and a queue group: each message goes to one of
-	// them. Empty: each Subscribe call gets every message (an ephemeral
-	// consumer).
+	// a durable consumer (ConsumerName) and a queue group: each message goes
+	// to one of them, and the group keeps its position across restarts (see
+	// the package doc). Empty: each Subscribe call gets every message from
+	// an ephemeral consumer that does not outlive it.
 	ConsumerGroup string
 	// Subscribers is how many NATS subscriptions a Subscribe call opens
 	// (more than 1 needs a ConsumerGroup). Default 1.

@@ -277,6 +277,21 @@ func (p *provisioner) ensure(topic string) error {
 	return nil
 }
 
+// open validates cfg (defaults applied), names the logger's component and
+// connects: what NewPublisher and NewSubscriber share.
+func open(cfg *Config, logger watermill.LoggerAdapter, component string) (*nc.Conn, secret.Scrubber, watermill.LoggerAdapter, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, secret.Scrubber{}, nil, err
+	}
+	if logger == nil {
+		logger = watermill.NopLogger{}
+	}
+	logger = logger.With(watermill.LogFields{"component": component})
+	conn, scrub, err := connect(cfg, logger)
+	return conn, scrub, logger, err
+}
+
 // connect opens a connection with the config's options.
 func connect(cfg *Config, logger watermill.LoggerAdapter) (*nc.Conn, secret.Scrubber, error) {
 	scrub := secret.NewScrubber(cfg.URL)
@@ -300,15 +315,7 @@ var _ message.Publisher = (*Publisher)(nil)
 
 // NewPublisher validates cfg and connects. A nil logger logs nothing.
 func NewPublisher(cfg Config, logger watermill.LoggerAdapter) (*Publisher, error) {
-	cfg.setDefaults()
-	if err := cfg.validate(); err != nil {
-		return nil, err
-	}
-	if logger == nil {
-		logger = watermill.NopLogger{}
-	}
-	logger = logger.With(watermill.LogFields{"component": "bus/nats.Publisher"})
-	conn, scrub, err := connect(&cfg, logger)
+	conn, scrub, logger, err := open(&cfg, logger, "bus/nats.Publisher")
 	if err != nil {
 		return nil, err
 	}

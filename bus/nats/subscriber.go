@@ -79,15 +79,7 @@ var (
 
 // NewSubscriber validates cfg and connects. A nil logger logs nothing.
 func NewSubscriber(cfg Config, logger watermill.LoggerAdapter) (*Subscriber, error) {
-	cfg.setDefaults()
-	if err := cfg.validate(); err != nil {
-		return nil, err
-	}
-	if logger == nil {
-		logger = watermill.NopLogger{}
-	}
-	logger = logger.With(watermill.LogFields{"component": "bus/nats.Subscriber"})
-	conn, scrub, err := connect(&cfg, logger)
+	conn, scrub, logger, err := open(&cfg, logger, "bus/nats.Subscriber")
 	if err != nil {
 		return nil, err
 	}

@@ -204,7 +204,13 @@ const (
 	envChildBus     = "TAILRACE_RELAY_CHILD_BUS" // amqp | nats | redis
 	envChildBusURL  = "TAILRACE_RELAY_CHILD_BUS_URL"
 	envChildTTL     = "TAILRACE_RELAY_CHILD_TTL"
+	envChildOwner   = "TAILRACE_RELAY_CHILD_OWNER" // RelayConfig.Owner; the default when empty
 )
+
+// relayChildMaxInFlight is the relay process's MaxInFlight: with two ack
+// batches (BatchSize, the default) it bounds the duplicates one kill can
+// cause.
+const relayChildMaxInFlight = 256
 
 // childPublisher is the relay process's output: tailrace's own publisher
 // for the transport, reconnecting quickly so that a test's outage ends
@@ -259,7 +265,8 @@ func TestRelayChildProcess(t *testing.T) {
 	ttl, _ := time.ParseDuration(os.Getenv(envChildTTL))
 	r, err := NewRelay(db, pub, logger, RelayConfig{
 		Dialect: dialect, Table: os.Getenv(envChildTable),
-		LeaseTTL: ttl, MaxInFlight: 256, CloseTimeout: 10 * time.Second,
+		LeaseTTL: ttl, MaxInFlight: relayChildMaxInFlight, CloseTimeout: 10 * time.Second,
+		Owner:           os.Getenv(envChildOwner),
 		InitialInterval: 100 * time.Millisecond, MaxInterval: 2 * time.Second, MaxAttempts: 5,
 	})
 	if err != nil {
@@ -311,6 +318,13 @@ type relayChild struct {
 // busURL (the rig's broker, or a proxy in front of it), lease TTL 1 s.
 func (f *faultRig) startRelay(t testing.TB, busURL string) *relayChild {
 	t.Helper()
+	return f.startRelayAs(t, busURL, "")
+}
+
+// startRelayAs is startRelay with the relay's lease owner name (its
+// default, host-pid-random, when owner is empty).
+func (f *faultRig) startRelayAs(t testing.TB, busURL, owner string) *relayChild {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestRelayChildProcess$", "-test.count=1")
 	cmd.Env = append(os.Environ(),
 		envChild+"=1",
@@ -320,6 +334,7 @@ func (f *faultRig) startRelay(t testing.TB, busURL string) *relayChild {
 		envChildBus+"="+f.bus,
 		envChildBusURL+"="+busURL,
 		envChildTTL+"="+time.Second.String(),
+		envChildOwner+"="+owner,
 		"GORACE=exitcode=0",
 	)
 	buf := &lockedBuffer{}
@@ -501,19 +516,33 @@ func (f *faultRig) waitRelayed(t *testing.T, n int) {
 // relay process's goroutines into the failure.
 func (f *faultRig) waitDrained(t *testing.T, c *relayChild, timeout time.Duration, what string) {
 	t.Helper()
+	f.waitDrainedAll(t, []*relayChild{c}, timeout, what)
+}
+
+// waitDrainedAll is waitDrained with several relay processes, every one of
+// them dumped after timeout.
+func (f *faultRig) waitDrainedAll(t *testing.T, cs []*relayChild, timeout time.Duration, what string) {
+	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for f.count(t, f.table) > 0 {
 		if time.Now().After(deadline) {
-			_ = c.cmd.Process.Signal(syscall.SIGQUIT) // goroutine dump into the log
-			select {
-			case <-c.done:
-			case <-time.After(5 * time.Second):
+			for _, c := range cs {
+				_ = c.cmd.Process.Signal(syscall.SIGQUIT) // goroutine dump into the log
+			}
+			var all, tails strings.Builder
+			for i, c := range cs {
+				select {
+				case <-c.done:
+				case <-time.After(5 * time.Second):
+				}
+				out := c.stderr.String()
+				fmt.Fprintf(&all, "==== relay process %d (pid %d)\n%s\n", i, c.cmd.Process.Pid, out)
+				fmt.Fprintf(&tails, "\n==== relay process %d (pid %d), tail:\n%s", i, c.cmd.Process.Pid, out[max(0, len(out)-6000/len(cs)):])
 			}
 			if os.Getenv("TAILRACE_RELAY_DUMP") != "" {
-				_ = os.WriteFile(os.Getenv("TAILRACE_RELAY_DUMP"), []byte(c.stderr.String()), 0o644)
+				_ = os.WriteFile(os.Getenv("TAILRACE_RELAY_DUMP"), []byte(all.String()), 0o644)
 			}
-			out := c.stderr.String()
-			t.Fatalf("the outbox did not drain %s: %d rows left; relay log (tail):\n%s", what, f.count(t, f.table), out[max(0, len(out)-6000):])
+			t.Fatalf("the outbox did not drain %s: %d rows left; relay log:%s", what, f.count(t, f.table), tails.String())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -554,7 +583,7 @@ func relayKill9(t *testing.T, f *faultRig) {
 	l := f.check(t, true)
 	t.Logf("%d kill -9 in %s; %d duplicates (bounded by in-flight + unflushed acks per kill)",
 		kills, time.Since(start).Round(time.Millisecond), len(l.duplicated))
-	if len(l.duplicated) > kills*(256+2*DefaultRelayBatchSize) {
+	if len(l.duplicated) > kills*(relayChildMaxInFlight+2*DefaultRelayBatchSize) {
 		t.Errorf("%d duplicates for %d kills", len(l.duplicated), kills)
 	}
 }

@@ -114,7 +114,11 @@ func TestUniversalPubSub(t *testing.T) {
 		// unacked messages: TestMessageCtx wants such a message's context
 		// cancelled within 15s, and TestConcurrentSubscribe's multiplier
 		// leaves one unacked per subscriber, closing them one by one.
-		cfg := busnats.Config{URL: url, ConsumerGroup: group, CloseTimeout: 250 * time.Millisecond}
+		//
+		// AckWait 5s: a message pushed to a member that was closing is given
+		// up unacked and goes to the group's next member after AckWait; the
+		// suite waits 15s for messages, the default AckWait is 30s.
+		cfg := busnats.Config{URL: url, ConsumerGroup: group, CloseTimeout: 250 * time.Millisecond, AckWait: 5 * time.Second}
 		if group != "" {
 			cfg.Subscribers = 2
 		}

@@ -269,6 +269,14 @@ func (o *output) shutdown() {
 			o.s.logger.Error("Cannot unsubscribe", o.s.scrub.Error(err), watermill.LogFields{"subject": sub.Subject})
 		}
 	}
+	// UNSUB is sent asynchronously: wait until the server has processed it
+	// (a PING/PONG round trip), so that once this returns the server no
+	// longer pushes to these subscriptions. Otherwise a message published
+	// just after Close returned could still be pushed here, be given up
+	// unacked, and reach the group's next member only after AckWait.
+	if err := o.s.conn.FlushTimeout(o.s.cfg.ConnectTimeout); err != nil && !errors.Is(err, nc.ErrConnectionClosed) {
+		o.s.logger.Info("Cannot confirm the unsubscribe with the server", watermill.LogFields{"err": o.s.scrub.Error(err).Error()})
+	}
 	o.s.outputs.Done()
 }
 

@@ -615,6 +615,9 @@ func TestRelayOutOfOrderCommit(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
+			if name == "postgres" {
+				testenv.LongTransaction(t)
+			}
 			db, d := open(t)
 			g := newRelayRig(t, db, d)
 			pub := newRecPub()

@@ -14,6 +14,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/tailrace/tailrace"
+	"github.com/tailrace/tailrace/internal/testenv"
 )
 
 // testBundle is one database with an outbox table and a domain table.
@@ -336,6 +337,9 @@ func TestStageOutOfOrderCommit(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
+			if name == "postgres" {
+				testenv.LongTransaction(t)
+			}
 			b := setup(t, open, Config{})
 			ctx := context.Background()
 			long, err := b.db.BeginTx(ctx, nil)

@@ -28,6 +28,7 @@ func TestValidateTopic(t *testing.T) {
 }
 
 func TestExplicitSchemaAndTransactionalPublish(t *testing.T) {
+	testenv.WatermillSQLConsumer(t)
 	pg := testenv.NewPostgres(t)
 	ctx := context.Background()
 	cfg := sqlbus.Config{}
@@ -91,6 +92,7 @@ func TestExplicitSchemaAndTransactionalPublish(t *testing.T) {
 }
 
 func TestUniversalPubSub(t *testing.T) {
+	testenv.WatermillSQLConsumer(t)
 	pg := testenv.NewPostgres(t)
 	open := func(t *testing.T) *sql.DB {
 		db, err := sql.Open("pgx", pg.URL)

@@ -303,3 +303,47 @@ func RedisAddr(t testing.TB) string {
 	}
 	return addr
 }
+
+// snapshotLockKey is the PostgreSQL advisory lock behind LongTransaction and
+// WatermillSQLConsumer.
+const snapshotLockKey = 0x7461696c72616365 // "tailrace"
+
+// LongTransaction marks a test that keeps a PostgreSQL transaction open for
+// seconds (out-of-order commits, a long-running transaction). Until the test
+// ends it holds an advisory lock that WatermillSQLConsumer tests share, so
+// the two kinds never overlap, across packages too: watermill-sql's
+// PostgreSQL subscriber reads only messages whose transaction is older than
+// the oldest transaction still open anywhere in the cluster
+// (pg_snapshot_xmin), so while such a transaction is open it delivers
+// nothing new, and a test reading through it times out.
+func LongTransaction(t testing.TB) { snapshotLock(t, "pg_advisory_lock") }
+
+// WatermillSQLConsumer marks a test that consumes through watermill-sql's
+// PostgreSQL subscriber (bus/sqlbus): it shares the lock LongTransaction
+// tests hold exclusively, until the test ends. See LongTransaction.
+func WatermillSQLConsumer(t testing.TB) { snapshotLock(t, "pg_advisory_lock_shared") }
+
+func snapshotLock(t testing.TB, fn string) {
+	t.Helper()
+	db, err := sql.Open("pgx", PostgresURL(t))
+	if err != nil {
+		t.Fatalf("testenv: open PostgreSQL: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	conn, err := db.Conn(ctx)
+	if err == nil {
+		_, err = conn.ExecContext(ctx, "SELECT "+fn+"($1)", int64(snapshotLockKey))
+	}
+	if err != nil {
+		_ = db.Close()
+		t.Fatalf("testenv: %s: %v", fn, err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, _ = conn.ExecContext(ctx, "SELECT pg_advisory_unlock_all()")
+		_ = conn.Close()
+		_ = db.Close() // ends the session, which releases the lock in any case
+	})
+}

@@ -15,7 +15,12 @@
 //   - Each consumer group receives every message once it acked it
 //     (at-least-once: a crash between the handler and the offset update
 //     redelivers), in insertion order, one group member at a time.
-//   - Latency is the poll interval (Config.PollInterval) when idle.
+//   - Latency is the poll interval (Config.PollInterval) when idle. A
+//     subscriber sees only messages whose transaction is older than the
+//     oldest transaction still open anywhere on the PostgreSQL server
+//     (watermill-sql's guard against skipping late commits), so a
+//     long-running transaction — in any database of the cluster — holds
+//     back delivery until it ends.
 //
 // Schema creation is explicit: call InitializeSchema for each topic at
 // start-up or in a migration, or set Config.InitializeSchema. It cannot run

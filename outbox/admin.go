@@ -377,7 +377,7 @@ const DefaultAdminBatch = 500
 // whoever deleted it. Replaying it again finds nothing and moves nothing.
 // An empty filter returns ErrNoSelector.
 func (a *Admin) Replay(ctx context.Context, f DeadFilter, opts *BatchOptions) (int, error) {
-	return a.batches(ctx, f, opts, a.replayIDs)
+	return a.batches(ctx, f, opts, a.dead.Replay)
 }
 
 // Purge deletes the dead letters f selects for good, in batches, and
@@ -421,10 +421,4 @@ func (a *Admin) batches(ctx context.Context, f DeadFilter, opts *BatchOptions, d
 			o.Progress(done, total)
 		}
 	}
-}
-
-// replayIDs moves the given dead letters back in one transaction and
-// returns how many it moved (those another Replay took first are skipped).
-func (a *Admin) replayIDs(ctx context.Context, ids ...int64) (int, error) {
-	return a.dead.Replay(ctx, ids...)
 }

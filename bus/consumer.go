@@ -12,11 +12,11 @@ import (
 	"sync"
 	"time"
 
-	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/cenkalti/backoff/v5"
 
 	"github.com/tailrace/tailrace"
+	"github.com/tailrace/tailrace/internal/wlog"
 	"github.com/tailrace/tailrace/mediator"
 	"github.com/tailrace/tailrace/outbox"
 )
@@ -272,7 +272,7 @@ func NewConsumer(m *mediator.Mediator, logger *slog.Logger, cfg ConsumerConfig) 
 		logger = slog.New(slog.DiscardHandler)
 	}
 	logger = logger.With(slog.String("consumer", cfg.Name))
-	router, err := message.NewRouter(message.RouterConfig{CloseTimeout: cfg.CloseTimeout}, watermill.NewSlogLogger(logger))
+	router, err := message.NewRouter(message.RouterConfig{CloseTimeout: cfg.CloseTimeout}, wlog.New(logger, false))
 	if err != nil {
 		return nil, fmt.Errorf("bus: NewConsumer: %w", err)
 	}

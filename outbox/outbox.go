@@ -8,6 +8,8 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill"
 	wsql "github.com/ThreeDotsLabs/watermill-sql/v3/pkg/sql"
+
+	"github.com/tailrace/tailrace/internal/wlog"
 )
 
 // Defaults of Config.
@@ -138,7 +140,7 @@ func New(db *sql.DB, logger *slog.Logger, cfg Config) (*Outbox, error) {
 	return &Outbox{
 		db:      db,
 		logger:  logger,
-		wlogger: watermill.NewSlogLogger(logger),
+		wlogger: wlog.New(logger, false),
 		cfg:     cfg,
 		schema:  newStagingSchema(cfg.Dialect, cfg.Table),
 	}, nil

@@ -13,9 +13,10 @@ import (
 	"sync"
 	"time"
 
-	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/components/forwarder"
 	"github.com/ThreeDotsLabs/watermill/message"
+
+	"github.com/tailrace/tailrace/internal/wlog"
 )
 
 // Defaults of RelayConfig.
@@ -276,7 +277,7 @@ func NewRelay(db *sql.DB, publisher message.Publisher, logger *slog.Logger, cfg 
 	logger = logger.With("outbox_table", cfg.Table, "relay", cfg.Owner)
 	// The router's lifecycle chatter (adding, starting, closing) is debug
 	// here; its per-message errors stay errors.
-	wlogger := watermill.NewSlogLoggerWithLevelMapping(logger, map[slog.Level]slog.Level{slog.LevelInfo: slog.LevelDebug})
+	wlogger := wlog.New(logger, true)
 	sub := newSubscriber(db, logger, cfg)
 	mws := append([]message.HandlerMiddleware{captureError}, cfg.Middlewares...)
 	fwd, err := forwarder.NewForwarder(sub, publisher, wlogger, forwarder.Config{

@@ -8,6 +8,10 @@ import (
 	"time"
 )
 
+// NotifyPostgresInterval is the shortest time between two NOTIFYs sent by
+// NotifyPostgres.
+const NotifyPostgresInterval = 5 * time.Millisecond
+
 // NotifyPostgres forwards the in-process commit signals of n to relays in
 // other processes, as a PostgreSQL NOTIFY on the channel named after the
 // outbox table (the channel the relay LISTENs on), sent after the commit and
@@ -28,10 +32,6 @@ import (
 // transactions; code that commits its own StageTx transactions calls
 // n.Notify() after the commit, or its messages wait for the relays' next
 // poll. A failed NOTIFY is logged and dropped: the relays poll anyway.
-// NotifyPostgresInterval is the shortest time between two NOTIFYs sent by
-// NotifyPostgres.
-const NotifyPostgresInterval = 5 * time.Millisecond
-
 func NotifyPostgres(db *sql.DB, table string, n *Notifier, logger *slog.Logger) (stop func(), err error) {
 	var errs []error
 	if db == nil {

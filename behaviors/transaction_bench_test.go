@@ -7,6 +7,9 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
+
 	"github.com/tailrace/tailrace/behaviors"
 	"github.com/tailrace/tailrace/internal/testenv"
 	"github.com/tailrace/tailrace/mediator"
@@ -41,7 +44,13 @@ func (e benchPlaced) PartitionKey() string { return e.ID }
 //   - behavior_tx_notify: the same, but the NOTIFY is sent inside the
 //     transaction (what a NOTIFY trigger on the outbox table would do) —
 //     kept to show why tailrace has no such trigger: PostgreSQL serializes
-//     the commits of transactions that sent a NOTIFY.
+//     the commits of transactions that sent a NOTIFY;
+//   - pgx_plain and pgx_pipelined_row: the floor of any outbox that writes
+//     a row, without database/sql: pgx itself sends BEGIN, the domain
+//     INSERT and COMMIT; the second also sends an outbox row of the size
+//     Stage writes, pipelined with the COMMIT in the same round trip. Their
+//     ratio shows what the row itself costs the server once no round trip
+//     is added.
 //
 // The variants run interleaved, in rounds, so that drift in the machine's
 // load hits them alike. Each reports commits/s. Run it with
@@ -139,6 +148,44 @@ func BenchmarkTransactionPostgres(b *testing.B) {
 		}
 		return tx.Commit()
 	}
+	// An envelope of the size Stage writes for benchPlaced.
+	if err := outbox.InitializeSchema(ctx, db, outbox.PostgreSQL, "bench_outbox_raw"); err != nil {
+		b.Fatal(err)
+	}
+	envelope := []byte(`{"destination_topic":"bench.placed","uuid":"5a0c5b3e-6d0e-4c0e-9f1e-1b2c3d4e5f60",` +
+		`"payload":"eyJpZCI6Im8tMSIsImFtb3VudCI6MX0=","metadata":{"tailrace_kind":"bench.placed",` +
+		`"tailrace_occurred_at":"2026-12-02T12:00:00.123456Z","tailrace_correlation_id":"5a0c5b3e-6d0e-4c0e-9f1e-1b2c3d4e5f61",` +
+		`"tailrace_partition_key":"o-1"}}`)
+	rowSQL := `INSERT INTO "bench_outbox_raw" (uuid, message_id, kind, partition_key, key_hash, payload, metadata) VALUES ($1,$2,$3,$4,$5,$6,$7)`
+	rawPgx := func(withRow bool) func(id string) error {
+		return func(id string) error {
+			conn, err := db.Conn(ctx)
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			return conn.Raw(func(dc any) error {
+				c := dc.(*stdlib.Conn).Conn()
+				if _, err := c.Exec(ctx, "begin"); err != nil {
+					return err
+				}
+				if _, err := c.Exec(ctx, `INSERT INTO orders (id, amount) VALUES ($1, $2)`, id, 1); err != nil {
+					_, _ = c.Exec(ctx, "rollback")
+					return err
+				}
+				var batch pgx.Batch
+				if withRow {
+					batch.Queue(rowSQL, id, id, "bench.placed", id, 12345, envelope, "{}")
+				}
+				batch.Queue("commit")
+				if err := c.SendBatch(ctx, &batch).Close(); err != nil {
+					_, _ = c.Exec(ctx, "rollback")
+					return err
+				}
+				return nil
+			})
+		}
+	}
 	send := func(m *mediator.Mediator) func(id string) error {
 		return func(id string) error {
 			_, err := mediator.Send(ctx, m, benchPlace{ID: id})
@@ -151,5 +198,7 @@ func BenchmarkTransactionPostgres(b *testing.B) {
 		b.Run("plain_2inserts", func(b *testing.B) { parallel(b, plain2) })
 		b.Run("behavior", func(b *testing.B) { parallel(b, send(recommended)) })
 		b.Run("behavior_tx_notify", func(b *testing.B) { parallel(b, send(txNotify)) })
+		b.Run("pgx_plain", func(b *testing.B) { parallel(b, rawPgx(false)) })
+		b.Run("pgx_pipelined_row", func(b *testing.B) { parallel(b, rawPgx(true)) })
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -122,7 +123,7 @@ func (p *Publisher) connect() (*session, error) {
 		Heartbeat:       p.cfg.Heartbeat,
 		TLSClientConfig: p.cfg.TLS,
 		Properties:      amqp091.Table{"connection_name": p.cfg.ConnectionName},
-		Dial:            amqp091.DefaultDial(p.cfg.DialTimeout),
+		Dial:            p.dial,
 	})
 	if err != nil {
 		return nil, p.scrub.Error(err)
@@ -161,6 +162,18 @@ func (p *Publisher) connect() (*session, error) {
 		}
 	}
 	return s, nil
+}
+
+// dial is amqp091.DefaultDial (a TCP connect bounded by DialTimeout, with a
+// deadline for the handshake) with the connection wrapped so that
+// concurrent publishes share write system calls (see coalescingConn). TLS,
+// when configured, runs on top of it.
+func (p *Publisher) dial(network, addr string) (net.Conn, error) {
+	c, err := amqp091.DefaultDial(p.cfg.DialTimeout)(network, addr)
+	if err != nil {
+		return nil, err
+	}
+	return newCoalescingConn(c), nil
 }
 
 // dispatch settles flights: returns mark them unroutable, confirms complete

@@ -40,10 +40,7 @@ func (a *Adapter) log(level slog.Level, msg string, err error, fields watermill.
 	if !a.l.Enabled(ctx, level) {
 		return
 	}
-	args := make([]any, 0, 2*len(fields)+2)
-	for k, v := range fields {
-		args = append(args, k, v)
-	}
+	args := appendFields(make([]any, 0, 2*len(fields)+2), fields)
 	if err != nil {
 		args = append(args, "error", err)
 	}
@@ -79,9 +76,14 @@ func (a *Adapter) With(fields watermill.LogFields) watermill.LoggerAdapter {
 	if len(fields) == 0 {
 		return a
 	}
-	args := make([]any, 0, 2*len(fields))
-	for k, v := range fields {
-		args = append(args, k, v)
-	}
+	args := appendFields(make([]any, 0, 2*len(fields)), fields)
 	return &Adapter{l: a.l.With(args...), infoAsDebug: a.infoAsDebug}
+}
+
+// appendFields appends fields to dst as slog key-value arguments.
+func appendFields(dst []any, fields watermill.LogFields) []any {
+	for k, v := range fields {
+		dst = append(dst, k, v)
+	}
+	return dst
 }

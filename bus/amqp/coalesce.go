@@ -7,7 +7,8 @@ import (
 
 // coalesceLimit is how many bytes may wait for the writer before Write
 // blocks, so that a broker that stops reading (a memory or disk alarm)
-// holds the publishers back as the socket itself would.
+// holds the publishers back as the socket itself would. At most twice this
+// is held: one buffer being written, one filling.
 const coalesceLimit = 1 << 20
 
 // coalescingConn merges the small writes of concurrent publishes into
@@ -80,6 +81,9 @@ func (c *coalescingConn) writeLoop() {
 		out := c.buf
 		c.buf, c.spare = c.spare[:0], nil
 		failed := c.err != nil
+		// Writes blocked for room fill the emptied buffer while this
+		// write runs, however long the broker takes to read it.
+		c.drained.Broadcast()
 		c.mu.Unlock()
 		if failed {
 			return

@@ -121,47 +121,91 @@ func truncateBytes(b []byte) []byte {
 	return b
 }
 
-// A peer that stops reading fills the socket, then the buffer: Write blocks
-// instead of growing without bound, and Close releases it.
+// A peer that stops reading fills the buffer: Write blocks instead of
+// growing it without bound; while the writer is stuck in a write, blocked
+// Writes refill the buffer it took; and Close releases both.
 func TestCoalescingConnBackpressureAndClose(t *testing.T) {
-	client, _ := tcpPair(t) // the server end never reads
+	client, server := net.Pipe() // a Write blocks until the peer reads it all
+	t.Cleanup(func() { _ = client.Close(); _ = server.Close() })
 	c := newCoalescingConn(client)
 
+	const chunkSize = 64 << 10
+	var (
+		mu       sync.Mutex
+		accepted int // bytes Write has taken
+	)
+	acceptedBytes := func() int { mu.Lock(); defer mu.Unlock(); return accepted }
 	blocked := make(chan error, 1)
 	go func() {
-		p := make([]byte, 64<<10)
+		p := make([]byte, chunkSize)
 		for {
 			if _, err := c.Write(p); err != nil {
 				blocked <- err
 				return
 			}
+			mu.Lock()
+			accepted += len(p)
+			mu.Unlock()
 		}
 	}()
-	// The writes stop making progress once the kernel buffers and
-	// coalesceLimit are full.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	waitFor := func(what string, want int) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for acceptedBytes() < want {
+			if time.Now().After(deadline) {
+				c.mu.Lock()
+				n := len(c.buf)
+				c.mu.Unlock()
+				t.Fatalf("%s: Write took %d bytes (buffer %d) after 5 s, want %d", what, acceptedBytes(), n, want)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	checkBlocked := func(what string, max int) {
+		t.Helper()
+		select {
+		case err := <-blocked:
+			t.Fatalf("%s: Write returned %v while the peer was not reading", what, err)
+		case <-time.After(100 * time.Millisecond):
+		}
+		if got := acceptedBytes(); got > max {
+			t.Errorf("%s: Write took %d bytes, want at most %d", what, got, max)
+		}
 		c.mu.Lock()
-		n := len(c.buf)
+		if n := len(c.buf); n > coalesceLimit {
+			t.Errorf("%s: buffer grew to %d bytes, over coalesceLimit %d", what, n, coalesceLimit)
+		}
 		c.mu.Unlock()
-		if n >= coalesceLimit-64<<10 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("buffer holds %d bytes after 10 s; want the writer to block near %d", n, coalesceLimit)
-		}
-		time.Sleep(10 * time.Millisecond)
 	}
-	select {
-	case err := <-blocked:
-		t.Fatalf("Write returned %v while the peer was not reading", err)
-	case <-time.After(100 * time.Millisecond):
-	}
+
+	// The writer is stuck in its first write, of the chunks that had
+	// accumulated when it woke; Write fills the buffer up to coalesceLimit
+	// (a whole number of chunks) and then blocks.
+	waitFor("peer not reading", chunkSize+coalesceLimit)
 	c.mu.Lock()
-	if n := len(c.buf); n > coalesceLimit {
-		t.Errorf("buffer grew to %d bytes, over coalesceLimit %d", n, coalesceLimit)
+	for len(c.buf) < coalesceLimit { // the last chunks are being appended
+		c.mu.Unlock()
+		time.Sleep(time.Millisecond)
+		c.mu.Lock()
 	}
 	c.mu.Unlock()
+	checkBlocked("peer not reading", 8*chunkSize+coalesceLimit)
+	first := acceptedBytes() - coalesceLimit
+
+	// The peer reads the write in progress only, several times over. Each
+	// time the writer takes the full buffer and is stuck again; the blocked
+	// Write must fill a new one meanwhile rather than wait for that write
+	// to finish.
+	inProgress, want := first, first+coalesceLimit
+	for round := 1; round <= 10; round++ {
+		if _, err := io.ReadFull(server, make([]byte, inProgress)); err != nil {
+			t.Fatal(err)
+		}
+		inProgress, want = coalesceLimit, want+coalesceLimit
+		what := fmt.Sprintf("writer stuck in write %d", round+1)
+		waitFor(what, want)
+		checkBlocked(what, want)
+	}
 
 	if err := c.Close(); err != nil {
 		t.Errorf("Close: %v", err)
@@ -173,6 +217,47 @@ func TestCoalescingConnBackpressureAndClose(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("Close did not release a Write blocked for room")
+	}
+}
+
+// Over TCP the writer gets stuck part way through a write once the kernel's
+// buffers are full, at a moment the test cannot choose. Whatever that
+// moment, Write must fill the buffer the writer took, up to coalesceLimit.
+// (Before the fix, a Write that had gone back to sleep just before the
+// writer took the buffer slept until that write finished: in about one try
+// in ten here, the buffer stayed empty.)
+func TestCoalescingConnFillsWhileWriterIsStuck(t *testing.T) {
+	for try := 0; try < 30; try++ {
+		client, _ := tcpPair(t) // the server end never reads
+		c := newCoalescingConn(client)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			p := make([]byte, 64<<10)
+			for {
+				if _, err := c.Write(p); err != nil {
+					return
+				}
+			}
+		}()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			c.mu.Lock()
+			n, err := len(c.buf), c.err
+			c.mu.Unlock()
+			if err != nil {
+				t.Fatalf("try %d: write failed while the peer was not reading: %v", try, err)
+			}
+			if n == coalesceLimit {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("try %d: buffer holds %d bytes after 5 s; want Write to fill it to %d", try, n, coalesceLimit)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		_ = c.Close()
+		<-done
 	}
 }
 

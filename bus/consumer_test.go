@@ -470,7 +470,7 @@ func TestConsumerNoMediatorHandlerIsPermanent(t *testing.T) {
 	defer cancel()
 	poison, _ := ps.Subscribe(ctx, "poison")
 	c, err := bus.NewConsumer(mediator.New(), nil, bus.ConsumerConfig{
-		PoisonPublisher: ps, PoisonTopic: "poison", MaxAttempts: 5, InitialInterval: time.Second,
+		PoisonPublisher: ps, PoisonTopic: "poison", MaxAttempts: 5, InitialInterval: 10 * time.Second,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -489,7 +489,7 @@ func TestConsumerNoMediatorHandlerIsPermanent(t *testing.T) {
 		if p.Metadata.Get(bus.MetaPoisonAttempts) != "1" || !strings.Contains(p.Metadata.Get(bus.MetaPoisonReason), "no handler") {
 			t.Fatalf("poison metadata %v", p.Metadata)
 		}
-	case <-time.After(900 * time.Millisecond):
+	case <-time.After(8 * time.Second): // before the first retry was due
 		t.Fatal("not poisoned at once")
 	}
 }

@@ -244,7 +244,7 @@ func TestTimeout(t *testing.T) {
 		select {
 		case <-ctx.Done():
 			return 0, ctx.Err()
-		case <-time.After(200 * time.Millisecond):
+		case <-time.After(10 * time.Second):
 			return 1, nil
 		}
 	})
@@ -258,7 +258,7 @@ func TestTimeout(t *testing.T) {
 	assert.ErrorIs(t, err, behaviors.ErrTimeout)
 	assert.ErrorIs(t, err, context.DeadlineExceeded)
 	assert.ErrorContains(t, err, `behaviors: timeout: query "slow.query" after 20ms: context deadline exceeded`)
-	assert.Less(t, time.Since(start), 150*time.Millisecond)
+	assert.Less(t, time.Since(start), 5*time.Second) // the handler alone takes 10 s
 
 	n, err := mediator.Send(ctx, m, slowQuery{Limit: -1}) // request disables its limit
 	require.NoError(t, err)

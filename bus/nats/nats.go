@@ -37,7 +37,10 @@
 // time; one creates the consumer, the others use it. An existing consumer
 // is checked against the Config (deliver group, filter subject = topic,
 // explicit acks, AckWait, push delivery) and a mismatch fails Subscribe with
-// ErrConsumerMismatch. To reset or retire a group, delete its consumer
+// ErrConsumerMismatch. (Not caught: members with different AckWait values
+// creating a new group's consumer at the same instant. Servers before NATS
+// 2.10 create or update in one call, so the last creation's AckWait wins.)
+// To reset or retire a group, delete its consumer
 // while no member runs, with `nats consumer rm <stream> <consumer>` where
 // the nats CLI is installed, or from Go (busnats being this package, js a
 // nats.go JetStreamContext):

@@ -167,7 +167,7 @@ func (a *Admin) pending(ctx context.Context, st *Status) error {
 		return nil
 	}
 	var created any
-	err := a.db.QueryRowContext(ctx, `SELECT created_at FROM `+a.q.t+` WHERE relayed_at IS NULL ORDER BY id LIMIT 1`).Scan(&created)
+	err := a.db.QueryRowContext(ctx, `SELECT created_at FROM `+a.q.t+` WHERE relayed_at IS NULL ORDER BY id LIMIT 1`, freshPlan(a.db)...).Scan(&created)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil
 	}
@@ -182,7 +182,7 @@ func (a *Admin) pending(ctx context.Context, st *Status) error {
 	if st.Retrying > 0 {
 		st.OldestFreshAge = 0
 		if st.Pending > st.Retrying {
-			err := a.db.QueryRowContext(ctx, `SELECT created_at FROM `+a.q.t+` WHERE relayed_at IS NULL AND attempts = 0 ORDER BY id LIMIT 1`).Scan(&created)
+			err := a.db.QueryRowContext(ctx, `SELECT created_at FROM `+a.q.t+` WHERE relayed_at IS NULL AND attempts = 0 ORDER BY id LIMIT 1`, freshPlan(a.db)...).Scan(&created)
 			if err != nil && !errors.Is(err, sql.ErrNoRows) {
 				return err
 			}

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 )
 
@@ -179,6 +180,34 @@ func (d *DeadLetters) Purge(ctx context.Context, ids ...int64) (int, error) {
 	return n, nil
 }
 
+// purgeBatch is how many dead letters one statement of PurgeBefore deletes.
+const purgeBatch = 1000
+
+// purgeBatch deletes up to purgeBatch dead letters that died before the
+// time in arg. Outside MySQL it selects their ids first and deletes them by
+// a literal list: a DELETE … WHERE id IN (SELECT … LIMIT n) is a join whose
+// cached generic plan, built while the table was small, scans the whole
+// table for every batch (see relaySQL.idAmong).
+func (d *DeadLetters) purgeBatch(ctx context.Context, arg any) (int64, error) {
+	lim := strconv.Itoa(purgeBatch)
+	if d.q.my {
+		res, err := d.db.ExecContext(ctx, `DELETE FROM `+d.q.dead+` WHERE dead_at < ? ORDER BY dead_at LIMIT `+lim, arg)
+		if err != nil {
+			return 0, err
+		}
+		return res.RowsAffected()
+	}
+	ids, err := selectIDs(ctx, d.db, `SELECT id FROM `+d.q.dead+` WHERE dead_at < `+d.q.ph(1)+` LIMIT `+lim, freshPlan(d.db, arg)...)
+	if err != nil || len(ids) == 0 {
+		return 0, err
+	}
+	res, err := d.db.ExecContext(ctx, `DELETE FROM `+d.q.dead+` WHERE id IN (`+intList(ids)+`) AND dead_at < `+d.q.ph(1), arg)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
 // PurgeBefore deletes dead letters that died before t, in batches, and
 // returns how many.
 func (d *DeadLetters) PurgeBefore(ctx context.Context, t time.Time) (int, error) {
@@ -188,19 +217,12 @@ func (d *DeadLetters) PurgeBefore(ctx context.Context, t time.Time) (int, error)
 	}
 	n := 0
 	for {
-		var s string
-		if d.q.my {
-			s = `DELETE FROM ` + d.q.dead + ` WHERE dead_at < ? ORDER BY dead_at LIMIT 1000`
-		} else {
-			s = `DELETE FROM ` + d.q.dead + ` WHERE id IN (SELECT id FROM ` + d.q.dead + ` WHERE dead_at < ` + d.q.ph(1) + ` LIMIT 1000)`
-		}
-		res, err := d.db.ExecContext(ctx, s, arg)
+		m, err := d.purgeBatch(ctx, arg)
 		if err != nil {
 			return n, fmt.Errorf("outbox: purge dead letters: %w", err)
 		}
-		m, _ := res.RowsAffected()
 		n += int(m)
-		if m < 1000 {
+		if m < purgeBatch {
 			return n, nil
 		}
 	}

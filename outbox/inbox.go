@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"regexp"
+	"strings"
 	"time"
 )
 
@@ -110,6 +112,9 @@ type Inbox struct {
 	cfg    InboxConfig
 
 	claimSQL, processedSQL, cleanupSQL string
+	// cleanupSelectSQL, on PostgreSQL, selects the ctids of a batch of old
+	// rows; cleanupSQL then deletes them by a literal list (cleanupBatch).
+	cleanupSelectSQL string
 }
 
 // NewInbox returns the inbox stored in cfg.Table of db. db is used by
@@ -130,8 +135,8 @@ func NewInbox(db *sql.DB, logger *slog.Logger, cfg InboxConfig) (*Inbox, error) 
 	case "postgres":
 		i.claimSQL = `INSERT INTO ` + t + ` (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING`
 		i.processedSQL = `SELECT 1 FROM ` + t + ` WHERE consumer = $1 AND message_id = $2`
-		i.cleanupSQL = `DELETE FROM ` + t + ` WHERE ctid IN (SELECT ctid FROM ` + t +
-			` WHERE processed_at < now() - $1 * interval '1 microsecond' LIMIT $2)`
+		i.cleanupSelectSQL = `SELECT ctid::text FROM ` + t + ` WHERE processed_at < now() - $1 * interval '1 microsecond' LIMIT $2`
+		i.cleanupSQL = `DELETE FROM ` + t + ` WHERE ctid = ANY(%s::tid[]) AND processed_at < now() - $1 * interval '1 microsecond'`
 	case "mysql":
 		i.claimSQL = `INSERT IGNORE INTO ` + t + ` (consumer, message_id) VALUES (?, ?)`
 		i.processedSQL = `SELECT 1 FROM ` + t + ` WHERE consumer = ? AND message_id = ?`
@@ -245,16 +250,12 @@ func (i *Inbox) cleanupOlderThan(ctx context.Context, age time.Duration) (int, e
 	}
 	total := 0
 	for {
-		res, err := i.db.ExecContext(ctx, i.cleanupSQL, arg, i.cfg.CleanupBatch)
-		if err != nil {
-			return total, fmt.Errorf("outbox: inbox %s: cleanup: %w", i.cfg.Table, err)
-		}
-		n, err := res.RowsAffected()
+		n, more, err := i.cleanupBatch(ctx, arg)
 		if err != nil {
 			return total, fmt.Errorf("outbox: inbox %s: cleanup: %w", i.cfg.Table, err)
 		}
 		total += int(n)
-		if n < int64(i.cfg.CleanupBatch) {
+		if !more {
 			return total, nil
 		}
 		if err := ctx.Err(); err != nil {
@@ -262,6 +263,59 @@ func (i *Inbox) cleanupOlderThan(ctx context.Context, age time.Duration) (int, e
 		}
 	}
 }
+
+// cleanupBatch deletes up to CleanupBatch old ids; more reports whether a
+// full batch was found.
+//
+// On PostgreSQL it selects the rows' ctids first and deletes them by a
+// literal list (a TID scan): a DELETE … WHERE ctid IN (SELECT … LIMIT $2) is
+// a join whose cached generic plan, built while the table was small and
+// with the LIMIT unknown, may re-run the subquery for every row of the
+// table (see relaySQL.idAmong). The DELETE repeats the age condition, so a
+// ctid reused by another row in between (after VACUUM FULL) is left alone
+// unless that row is old too.
+func (i *Inbox) cleanupBatch(ctx context.Context, arg any) (n int64, more bool, err error) {
+	if i.cleanupSelectSQL == "" {
+		res, err := i.db.ExecContext(ctx, i.cleanupSQL, arg, i.cfg.CleanupBatch)
+		if err != nil {
+			return 0, false, err
+		}
+		n, err := res.RowsAffected()
+		return n, n >= int64(i.cfg.CleanupBatch), err
+	}
+	rows, err := i.db.QueryContext(ctx, i.cleanupSelectSQL, freshPlan(i.db, arg, i.cfg.CleanupBatch)...)
+	if err != nil {
+		return 0, false, err
+	}
+	var tids []string
+	for rows.Next() {
+		var tid string
+		if err := rows.Scan(&tid); err != nil {
+			rows.Close()
+			return 0, false, err
+		}
+		if !tidText.MatchString(tid) {
+			rows.Close()
+			return 0, false, fmt.Errorf("unexpected ctid %q", tid)
+		}
+		tids = append(tids, `"`+tid+`"`)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil || len(tids) == 0 {
+		return 0, false, err
+	}
+	list := "'{" + strings.Join(tids, ",") + "}'"
+	res, err := i.db.ExecContext(ctx, fmt.Sprintf(i.cleanupSQL, list), arg)
+	if err != nil {
+		return 0, false, err
+	}
+	n, err = res.RowsAffected()
+	return n, len(tids) >= i.cfg.CleanupBatch, err
+}
+
+// tidText is how PostgreSQL prints a ctid; checked before one is spliced
+// into SQL text.
+var tidText = regexp.MustCompile(`^\(\d+,\d+\)$`)
 
 // RunCleanup runs Cleanup every CleanupInterval until ctx is done, logging
 // failures (it goes on after them), and returns nil then.

@@ -45,7 +45,10 @@ func ExampleNewRelay() {
 	if err != nil {
 		panic(err)
 	}
-	broker := gochannel.NewGoChannel(gochannel.Config{}, nil)
+	// BlockPublishUntilSubscriberAck keeps the order: without it Watermill's
+	// GoChannel hands each message to its subscriber from a goroutine of its
+	// own, and two messages of one key can overtake each other.
+	broker := gochannel.NewGoChannel(gochannel.Config{BlockPublishUntilSubscriberAck: true}, nil)
 	received, err := broker.Subscribe(ctx, "shipments.booked")
 	if err != nil {
 		panic(err)

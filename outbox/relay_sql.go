@@ -208,9 +208,7 @@ func (q *relaySQL) claim(ctx context.Context, db *sql.DB, parts []int, n int, to
 		}
 		return out, nil
 	}
-	rows, err = db.QueryContext(ctx, `UPDATE `+q.t+` SET claim_token = `+q.ph(1)+
-		` WHERE claim_token IS NULL AND id IN (SELECT id FROM `+q.t+` WHERE claim_token IS NULL`+filter+
-		` ORDER BY id LIMIT `+q.ph(2)+`) RETURNING `+claimColumns, q.claimArgs(token, n, skipArgs)...)
+	rows, err = db.QueryContext(ctx, q.claimSQL(filter), freshPlan(db, q.claimArgs(token, n, skipArgs)...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -220,6 +218,42 @@ func (q *relaySQL) claim(ctx context.Context, db *sql.DB, parts []int, n int, to
 	}
 	slices.SortFunc(out, func(a, b claimedRow) int { return cmp.Compare(a.id, b.id) })
 	return out, nil
+}
+
+// claimSQL is the claim's statement outside MySQL: $1 token, $2 limit,
+// filter as claim builds it.
+func (q *relaySQL) claimSQL(filter string) string {
+	return `UPDATE ` + q.t + ` SET claim_token = ` + q.ph(1) +
+		` WHERE claim_token IS NULL AND ` + q.idAmong(`SELECT id FROM `+q.t+` WHERE claim_token IS NULL`+filter+
+		` ORDER BY id LIMIT `+q.ph(2)) + ` RETURNING ` + claimColumns
+}
+
+// idAmong is a condition that id is one of the ids the subquery sub (which
+// selects a column named id, with a LIMIT) returns.
+//
+// On PostgreSQL it is "id = ANY(ARRAY(sub))": the subquery runs once, as an
+// InitPlan, and the claim then looks its ids up through the pending-rows
+// partial index, whose condition is the claim's own (claim_token IS NULL) —
+// in the generic plan too. "id IN (sub)" is a semi join whose plan depends on
+// the table's statistics when the statement was planned: pgx caches prepared
+// statements per connection and after five executions PostgreSQL may keep a
+// generic plan, and one built while the outbox table was empty (a quiet
+// service) is a nested loop that re-runs the LIMIT subquery for every row of
+// the table — 1–2 s per claim of a 20,000-row backlog instead of
+// milliseconds (issue 18, TestRelayIdleThenBurstGenericPlan).
+//
+// Without a condition that matches a small index, "= ANY" of an InitPlan's
+// array can get a sequential scan instead (seen for the prune): statements
+// other than the claim select their ids first and use a literal list.
+//
+// SQLite evaluates "IN (sub)" by running the subquery once into a temporary
+// index, and does not cache plans by parameter; MySQL cannot use LIMIT in an
+// IN subquery at all (its statements select first, then update by id).
+func (q *relaySQL) idAmong(sub string) string {
+	if q.pg {
+		return "id = ANY(ARRAY(" + sub + "))"
+	}
+	return "id IN (" + sub + ")"
 }
 
 // claimArgs orders the claim's arguments: by number on PostgreSQL ($1
@@ -268,7 +302,7 @@ func (q *relaySQL) unclaim(ctx context.Context, db *sql.DB, ids []int64, token i
 	for len(ids) > 0 {
 		n := min(len(ids), 1000)
 		if _, err := q.execOutbox(ctx, db, `UPDATE `+q.t+` SET claim_token = NULL WHERE claim_token = `+q.ph(1)+
-			` AND id IN (`+intList(ids[:n])+`)`, token); err != nil {
+			` AND id IN (`+intList(ids[:n])+`)`, freshPlan(db, token)...); err != nil {
 			return err
 		}
 		ids = ids[n:]
@@ -283,7 +317,7 @@ func (q *relaySQL) unclaimExcept(ctx context.Context, db *sql.DB, token int64, h
 	if len(held) > 0 {
 		s += ` AND id NOT IN (` + intList(held) + `)`
 	}
-	res, err := q.execOutbox(ctx, db, s, token)
+	res, err := q.execOutbox(ctx, db, s, freshPlan(db, token)...)
 	if err != nil {
 		return 0, err
 	}
@@ -303,7 +337,7 @@ func (q *relaySQL) resetClaims(ctx context.Context, db *sql.DB, parts []int, exc
 		s += ` AND claim_token <> ` + q.ph(1)
 		args = append(args, except)
 	}
-	res, err := q.execOutbox(ctx, db, s, args...)
+	res, err := q.execOutbox(ctx, db, s, freshPlan(db, args...)...)
 	if err != nil {
 		return 0, err
 	}
@@ -332,19 +366,48 @@ func (q *relaySQL) ack(ctx context.Context, db *sql.DB, ids []int64, retain bool
 }
 
 // prune deletes up to n rows relayed more than retention ago.
+//
+// Outside MySQL it selects the ids first and deletes them by a literal list
+// (as ack does): a DELETE … WHERE id IN (SELECT … LIMIT n) is a join whose
+// cached generic plan, built while the table was small, scans the whole
+// table for every batch (see idAmong).
 func (q *relaySQL) prune(ctx context.Context, db *sql.DB, retention time.Duration, n int) (int64, error) {
-	var s string
 	if q.my {
-		s = `DELETE FROM ` + q.t + ` WHERE relayed_at < ` + q.nowPlus(1) + ` ORDER BY relayed_at LIMIT ` + strconv.Itoa(n)
-	} else {
-		s = `DELETE FROM ` + q.t + ` WHERE id IN (SELECT id FROM ` + q.t + ` WHERE relayed_at IS NOT NULL AND relayed_at < ` +
-			q.nowPlus(1) + ` LIMIT ` + strconv.Itoa(n) + `)`
+		res, err := q.execOutbox(ctx, db, `DELETE FROM `+q.t+` WHERE relayed_at < `+q.nowPlus(1)+
+			` ORDER BY relayed_at LIMIT `+strconv.Itoa(n), q.durArg(-retention))
+		if err != nil {
+			return 0, err
+		}
+		return res.RowsAffected()
 	}
-	res, err := q.execOutbox(ctx, db, s, q.durArg(-retention))
+	ids, err := selectIDs(ctx, db, `SELECT id FROM `+q.t+` WHERE relayed_at IS NOT NULL AND relayed_at < `+
+		q.nowPlus(1)+` LIMIT `+strconv.Itoa(n), freshPlan(db, q.durArg(-retention))...)
+	if err != nil || len(ids) == 0 {
+		return 0, err
+	}
+	res, err := q.execOutbox(ctx, db, `DELETE FROM `+q.t+` WHERE id IN (`+intList(ids)+`) AND relayed_at IS NOT NULL`)
 	if err != nil {
 		return 0, err
 	}
 	return res.RowsAffected()
+}
+
+// selectIDs runs a query that returns one integer column.
+func selectIDs(ctx context.Context, db *sql.DB, query string, args ...any) ([]int64, error) {
+	rows, err := db.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var ids []int64
+	for rows.Next() {
+		var id int64
+		if err := rows.Scan(&id); err != nil {
+			return nil, err
+		}
+		ids = append(ids, id)
+	}
+	return ids, rows.Err()
 }
 
 // retryLater records a failed attempt.

@@ -31,11 +31,16 @@ type relayRig struct {
 	ob    *Outbox
 }
 
+// relayDBs are the databases every relay test runs on. "postgres_generic"
+// runs PostgreSQL with plan_cache_mode=force_generic_plan, the plans pgx's
+// statement cache ends up with, so that a statement that is only fast with
+// a custom plan cannot come back unnoticed (issue 18).
 func relayDBs() map[string]func(t *testing.T) (*sql.DB, Dialect) {
 	return map[string]func(t *testing.T) (*sql.DB, Dialect){
-		"postgres": func(t *testing.T) (*sql.DB, Dialect) { return testenv.NewPostgres(t).DB, PostgreSQL },
-		"mysql":    func(t *testing.T) (*sql.DB, Dialect) { return testenv.NewMySQL(t).DB, MySQL },
-		"sqlite":   func(t *testing.T) (*sql.DB, Dialect) { return testenv.NewSQLite(t).DB, SQLite },
+		"postgres":         func(t *testing.T) (*sql.DB, Dialect) { return testenv.NewPostgres(t).DB, PostgreSQL },
+		"postgres_generic": func(t *testing.T) (*sql.DB, Dialect) { return testenv.NewPostgresGenericPlans(t).DB, PostgreSQL },
+		"mysql":            func(t *testing.T) (*sql.DB, Dialect) { return testenv.NewMySQL(t).DB, MySQL },
+		"sqlite":           func(t *testing.T) (*sql.DB, Dialect) { return testenv.NewSQLite(t).DB, SQLite },
 	}
 }
 

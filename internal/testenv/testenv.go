@@ -131,6 +131,25 @@ type Postgres struct {
 // small (8 connections) so parallel tests stay within max_connections.
 func NewPostgres(t testing.TB) *Postgres {
 	t.Helper()
+	return newPostgres(t, nil)
+}
+
+// NewPostgresGenericPlans is NewPostgres with plan_cache_mode set to
+// force_generic_plan on every connection of the pool: each prepared statement
+// runs with a plan built without looking at its parameter values, from the
+// table statistics at the time it was prepared. That is the plan PostgreSQL
+// switches to on its own after five executions of a statement pgx keeps in its
+// per-connection cache, so a statement that is only fast with a custom plan
+// shows up here at once instead of after a service has idled for a while.
+func NewPostgresGenericPlans(t testing.TB) *Postgres {
+	t.Helper()
+	return newPostgres(t, map[string]string{"plan_cache_mode": "force_generic_plan"})
+}
+
+// newPostgres creates the schema; params are run-time parameters set on every
+// connection of the returned pool.
+func newPostgres(t testing.TB, params map[string]string) *Postgres {
+	t.Helper()
 	base := PostgresURL(t)
 	schema := nameFor(t, "t")
 
@@ -161,6 +180,9 @@ func NewPostgres(t testing.TB) *Postgres {
 	u, _ := url.Parse(base)
 	q := u.Query()
 	q.Set("search_path", schema)
+	for k, v := range params {
+		q.Set(k, v) // pgx sends unknown URL parameters as run-time parameters
+	}
 	u.RawQuery = q.Encode()
 	db, err := sql.Open("pgx", u.String())
 	if err != nil {

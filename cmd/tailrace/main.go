@@ -77,14 +77,17 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if err == nil {
 		return exitOK
 	}
+	// Errors may come from a database driver that quotes its connection
+	// string: no password of --db or $TAILRACE_DB is ever printed.
+	scrub := newScrubber(args)
 	var ee *exitError
 	if errors.As(err, &ee) {
 		if ee.err != nil {
-			fmt.Fprintln(stderr, "tailrace:", ee.err)
+			fmt.Fprintln(stderr, "tailrace:", scrub.String(ee.err.Error()))
 		}
 		return ee.code
 	}
-	fmt.Fprintln(stderr, "tailrace:", err)
+	fmt.Fprintln(stderr, "tailrace:", scrub.String(err.Error()))
 	if cmd != nil {
 		fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", cmd.CommandPath())
 	}

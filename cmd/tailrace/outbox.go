@@ -14,7 +14,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/go-sql-driver/mysql"
+	_ "github.com/go-sql-driver/mysql" // the "mysql" driver
 	_ "github.com/jackc/pgx/v5/stdlib" // the "pgx" driver
 	"github.com/spf13/cobra"
 	_ "modernc.org/sqlite" // the "sqlite" driver
@@ -37,7 +37,7 @@ type outboxFlags struct {
 
 func (f *outboxFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.db, "db", os.Getenv("TAILRACE_DB"),
-		"database: postgres://… URL, mysql DSN (user:pass@tcp(host:3306)/db, or mysql://… the same), or SQLite file (path, file:…, sqlite:…); default $TAILRACE_DB")
+		"database: postgres://… URL, PostgreSQL key=value DSN (host=… dbname=…), MySQL DSN (user:pass@tcp(host:3306)/db, or mysql://… the same), or SQLite file (path, file:…, sqlite:…); default $TAILRACE_DB")
 	cmd.Flags().StringVar(&f.table, "table", outbox.DefaultTable, "outbox table")
 	cmd.Flags().BoolVar(&f.json, "json", false, "print machine-readable JSON")
 	cmd.Flags().DurationVar(&f.timeout, "timeout", 5*time.Minute, "give up after this long")
@@ -45,23 +45,11 @@ func (f *outboxFlags) register(cmd *cobra.Command) {
 
 // open connects to the database and returns the Admin of the table.
 func (f *outboxFlags) open(ctx context.Context) (*outbox.Admin, func(), error) {
-	if f.db == "" {
-		return nil, nil, errors.New("--db is required (or set TAILRACE_DB)")
-	}
-	driver, dsn, d, err := parseDB(f.db)
+	db, t, err := openDB(ctx, f.db)
 	if err != nil {
 		return nil, nil, err
 	}
-	db, err := sql.Open(driver, dsn)
-	if err != nil {
-		return nil, nil, &exitError{code: exitInvalid, err: fmt.Errorf("open %s database: %w", d.Name(), err)}
-	}
-	db.SetMaxOpenConns(2)
-	if err := db.PingContext(ctx); err != nil {
-		_ = db.Close()
-		return nil, nil, &exitError{code: exitInvalid, err: fmt.Errorf("connect to the %s database: %w", d.Name(), err)}
-	}
-	a, err := outbox.NewAdmin(db, d, f.table)
+	a, err := outbox.NewAdmin(db, t.dialect, f.table)
 	if err != nil {
 		_ = db.Close()
 		return nil, nil, err
@@ -69,44 +57,27 @@ func (f *outboxFlags) open(ctx context.Context) (*outbox.Admin, func(), error) {
 	return a, func() { _ = db.Close() }, nil
 }
 
-// parseDB tells the database kind from --db and returns the driver, its
-// DSN and the outbox dialect. Errors never repeat the value, which may hold
-// a password.
-func parseDB(s string) (driver, dsn string, d outbox.Dialect, err error) {
-	switch {
-	case strings.HasPrefix(s, "postgres://"), strings.HasPrefix(s, "postgresql://"):
-		return "pgx", s, outbox.PostgreSQL, nil
-	case strings.HasPrefix(s, "mysql://") || strings.Contains(s, "@tcp(") || strings.Contains(s, "@unix("):
-		cfg, err := mysql.ParseDSN(strings.TrimPrefix(s, "mysql://"))
-		if err != nil {
-			return "", "", nil, errors.New("--db looks like a MySQL DSN but does not parse (want user:password@tcp(host:3306)/database)")
-		}
-		cfg.ParseTime = true
-		return "mysql", cfg.FormatDSN(), outbox.MySQL, nil
+// openDB opens and pings the database of --db. Its errors name the form of
+// the connection string, never its value (run scrubs passwords from
+// whatever a driver says, too).
+func openDB(ctx context.Context, s string) (*sql.DB, dbTarget, error) {
+	if s == "" {
+		return nil, dbTarget{}, errors.New("--db is required (or set TAILRACE_DB)")
 	}
-	path := strings.TrimPrefix(strings.TrimPrefix(s, "sqlite://"), "sqlite:")
-	if strings.Contains(path, "://") {
-		return "", "", nil, errors.New("--db: unknown database URL scheme; want postgres://, mysql:// or an SQLite file")
+	t, err := parseDB(s)
+	if err != nil {
+		return nil, t, err
 	}
-	file := strings.TrimPrefix(path, "file:")
-	if i := strings.IndexByte(file, '?'); i >= 0 {
-		file = file[:i]
+	db, err := sql.Open(t.driver, t.dsn)
+	if err != nil {
+		return nil, t, &exitError{code: exitInvalid, err: fmt.Errorf("open the %s: %w", t.form, err)}
 	}
-	// sql.Open would create a missing file: an admin command must not.
-	if _, err := os.Stat(file); err != nil {
-		return "", "", nil, fmt.Errorf("--db: SQLite file %q: %w", file, err)
+	db.SetMaxOpenConns(2)
+	if err := db.PingContext(ctx); err != nil {
+		_ = db.Close()
+		return nil, t, &exitError{code: exitInvalid, err: fmt.Errorf("connect with the %s: %w", t.form, err)}
 	}
-	if !strings.HasPrefix(path, "file:") {
-		path = "file:" + path
-	}
-	if !strings.Contains(path, "busy_timeout") {
-		sep := "?"
-		if strings.Contains(path, "?") {
-			sep = "&"
-		}
-		path += sep + "_pragma=busy_timeout(5000)"
-	}
-	return "sqlite", path, outbox.SQLite, nil
+	return db, t, nil
 }
 
 func newOutboxCmd(e *env) *cobra.Command {
@@ -116,9 +87,15 @@ func newOutboxCmd(e *env) *cobra.Command {
 		Long: `Operate on one outbox table (default tailrace_outbox) in a database given
 with --db (or $TAILRACE_DB):
 
-  postgres://user@host:5432/db?sslmode=disable
+  postgres://user@host:5432/db?sslmode=disable         (PostgreSQL URL)
+  'host=db.internal user=app password=… dbname=app'     (PostgreSQL key=value DSN)
   user:password@tcp(host:3306)/db        (MySQL/MariaDB; mysql://… also works)
   ./service.db, file:./service.db, sqlite:./service.db   (SQLite; must exist)
+
+The form is told by its syntax, never by whether a file exists: a string
+starting with key= is a key=value DSN, one with an @ a MySQL DSN; give a file
+whose name looks like either as sqlite:PATH. No error or output repeats the
+password.
 
 Exit status: 0 success, 1 the operation failed or was not confirmed, 2 usage error.`,
 		Args: cobra.ArbitraryArgs,

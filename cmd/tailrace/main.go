@@ -2,6 +2,8 @@
 //
 //	tailrace policy lint FILE|DIR...
 //	tailrace policy explain FILE|DIR... --event NAME [--domain D] [--tenant-tier T] [--attr k=v]... [--json]
+//	tailrace outbox status|dead|replay|purge --db DSN ...
+//	tailrace version [--json]
 //
 // Exit codes: 0 success, 1 the input is invalid (or, for lint --strict, has
 // warnings), 2 usage error, 3 explain found no route.

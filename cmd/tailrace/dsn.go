@@ -254,16 +254,19 @@ func dbSecrets(s string) []string {
 type scrubber struct{ secrets []string }
 
 // newScrubber collects the passwords of every connection string the
-// command line or the environment hands the CLI.
+// command line or the environment hands the CLI (--db, --broker,
+// $TAILRACE_DB, $TAILRACE_BROKER).
 func newScrubber(args []string) scrubber {
 	var sc scrubber
-	vals := []string{os.Getenv("TAILRACE_DB")}
+	vals := []string{os.Getenv("TAILRACE_DB"), os.Getenv("TAILRACE_BROKER")}
 	for i, a := range args {
-		switch {
-		case a == "--db" && i+1 < len(args):
-			vals = append(vals, args[i+1])
-		case strings.HasPrefix(a, "--db="):
-			vals = append(vals, a[len("--db="):])
+		for _, flag := range []string{"--db", "--broker"} {
+			switch {
+			case a == flag && i+1 < len(args):
+				vals = append(vals, args[i+1])
+			case strings.HasPrefix(a, flag+"="):
+				vals = append(vals, a[len(flag+"="):])
+			}
 		}
 	}
 	for _, v := range vals {

@@ -187,3 +187,33 @@ func TestCLIKeyValueDSN(t *testing.T) {
 		t.Fatalf("dead with $TAILRACE_DB key=value: exit %d\n%s%s", code, out, errs)
 	}
 }
+
+// TestPoisonNoSecretInOutput is TestCLINoSecretInOutput for --broker and
+// $TAILRACE_BROKER.
+func TestPoisonNoSecretInOutput(t *testing.T) {
+	const mark = "Zq7MARKER9x"
+	for _, broker := range []string{
+		"amqp://u:" + mark + "@127.0.0.1:1/",
+		"amqp://u:" + mark + "%zz@127.0.0.1:1/",
+		"amqp:/u:" + mark + "@127.0.0.1:1/",
+		"nats://u:" + mark + "@127.0.0.1:1",
+		"nats://u:" + mark + "%zz@127.0.0.1:1",
+		"redis://u:" + mark + "@127.0.0.1:1",
+	} {
+		for _, sub := range [][]string{{"poison", "list"}, {"poison", "list", "--json"}, {"poison", "replay", "--all"}} {
+			for _, viaEnv := range []bool{false, true} {
+				args := append([]string(nil), sub...)
+				if viaEnv {
+					t.Setenv("TAILRACE_BROKER", broker)
+				} else {
+					t.Setenv("TAILRACE_BROKER", "")
+					args = append(args, "--broker", broker)
+				}
+				code, out, errs := runOutbox(t, "", append(args, "--timeout", "10s")...)
+				if code == 0 || strings.Contains(out+errs, "MARKER") {
+					t.Errorf("%v (env %v): exit %d\n%s%s", sub, viaEnv, code, out, errs)
+				}
+			}
+		}
+	}
+}

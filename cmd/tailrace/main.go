@@ -4,6 +4,7 @@
 //	tailrace policy explain FILE|DIR... --event NAME [--domain D] [--tenant-tier T] [--attr k=v]... [--json]
 //	tailrace outbox status|dead|replay|purge --db DSN ...
 //	tailrace poison list|replay --broker URL ...
+//	tailrace migrate up|status|validate --db DSN, tailrace migrate sql --dialect D
 //	tailrace version [--json]
 //
 // Exit codes: 0 success, 1 the input is invalid (or, for lint --strict, has

@@ -404,10 +404,15 @@ func CheckSchema(ctx context.Context, db *sql.DB, d Dialect, table string) (Sche
 // WARN and the relay runs (every version so far only adds, and a database
 // created before versions were recorded has everything version 1 needs).
 //
-// A database that cannot be read is an outage, not a schema problem: it is
-// logged and the relay starts, to ride it out as it does any outage.
+// A database that cannot be read (within 15 s) is an outage, not a schema
+// problem: it is logged and the relay starts, to ride it out as it does any
+// outage.
 func checkSchemaAtStart(ctx context.Context, db *sql.DB, d Dialect, table string, logger *slog.Logger) error {
-	_, err := CheckSchema(ctx, db, d, table)
+	// Bounded: a database that does not answer is an outage, for the relay
+	// to ride out, not a reason to hang before it starts.
+	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	_, err := CheckSchema(cctx, db, d, table)
 	var se *SchemaError
 	switch {
 	case err == nil:

@@ -2,6 +2,7 @@ package outbox
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"log/slog"
 	"strings"
@@ -136,5 +137,26 @@ func TestMigrationSQLRejectsBadInput(t *testing.T) {
 	}
 	if _, err := MigrationSQL(MySQL, "bad name", 1); !errors.Is(err, ErrInvalidName) {
 		t.Fatalf("bad name: %v", err)
+	}
+}
+
+// TestCheckSchemaAtStartOutage: a database that cannot be reached when the
+// relay starts is an outage to ride out, not a schema error.
+func TestCheckSchemaAtStartOutage(t *testing.T) {
+	db, err := sql.Open("pgx", "postgres://u@127.0.0.1:1/x?connect_timeout=2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var logs strings.Builder
+	logger := slog.New(slog.NewTextHandler(&logs, nil))
+	if err := checkSchemaAtStart(context.Background(), db, PostgreSQL, "t", logger); err != nil {
+		t.Fatalf("outage at start: %v", err)
+	}
+	if !strings.Contains(logs.String(), "cannot check the schema version at start") {
+		t.Fatalf("not logged: %s", logs.String())
+	}
+	if _, err := CheckSchema(context.Background(), db, PostgreSQL, "t"); err == nil || errors.As(err, new(*SchemaError)) {
+		t.Fatalf("CheckSchema on an unreachable database: %v", err)
 	}
 }

@@ -44,6 +44,9 @@ func TestMigrateCLI(t *testing.T) {
 				!strings.Contains(errs, "tailrace migrate up") {
 				t.Fatalf("status of nothing: %d\n%s%s", code, out, errs)
 			}
+			if code, _, errs := run("", "outbox", "status"); code != 1 || !strings.Contains(errs, "`tailrace migrate status` tells") {
+				t.Fatalf("outbox status without a schema: %d %s", code, errs)
+			}
 			if code, out, errs := run("", "migrate", "up"); code != 0 || !strings.Contains(out, "applied version 1") || !strings.Contains(out, "schema at version 1 (was 0)") {
 				t.Fatalf("up: %d\n%s%s", code, out, errs)
 			}

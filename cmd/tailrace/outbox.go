@@ -123,6 +123,10 @@ func outboxFail(err error) error {
 	if errors.As(err, &ee) || err == nil {
 		return err
 	}
+	if msg := err.Error(); strings.Contains(msg, "42P01") || strings.Contains(msg, "Error 1146") || strings.Contains(msg, "no such table") {
+		// A missing table: say how to look and fix.
+		err = fmt.Errorf("%w\n(is the outbox schema there? `tailrace migrate status` tells; `tailrace migrate up` creates it)", err)
+	}
 	return &exitError{code: exitInvalid, err: err}
 }
 

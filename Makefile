@@ -8,8 +8,22 @@ TIMEOUT ?= 30m
 .PHONY: test vet unit lint bench bench-relay chaos fmt generate check-generated
 
 ## test: vet, check generated code, then every test with the race detector.
+## Ends with a line saying how many service tests were skipped because a
+## service was unreachable (loud when any were: go test shows the reason only
+## with -v); the exit status is go test's.
 test: vet check-generated
-	$(GO) test -race -timeout $(TIMEOUT) $(PKGS)
+	@skips=$$(mktemp); \
+	echo "$(GO) test -race -timeout $(TIMEOUT) $(PKGS)"; \
+	TAILRACE_SKIP_LOG=$$skips $(GO) test -race -timeout $(TIMEOUT) $(PKGS); rc=$$?; \
+	if [ -s $$skips ]; then \
+		echo; \
+		echo "!!! SKIPPED $$(wc -l <$$skips | tr -d ' ') service test(s): a service was unreachable. By service:"; \
+		cut -f1,2 $$skips | sort | uniq -c | sed 's/^ */!!!   /; s/\t/ at /'; \
+		echo "!!! Those tests did NOT run. Start the services (docs/testing.md), or set TAILRACE_REQUIRE_SERVICES=1 to fail instead."; \
+	else \
+		echo "service tests: none skipped"; \
+	fi; \
+	rm -f $$skips; exit $$rc
 
 ## unit: the tests without the race detector (faster while iterating).
 unit:

@@ -134,6 +134,29 @@ func TestLogging(t *testing.T) {
 	assert.Panics(t, func() { _, _ = mediator.Send(ctx, m, placeOrder{Customer: "panic"}) })
 	assert.Contains(t, buf.String(), "outcome=panic")
 
+	// ErrorLevelFor logs an expected failure below ERROR; panics stay at ERROR.
+	errNoStock := errors.New("no stock")
+	leveled := must(behaviors.NewLogging(logger, behaviors.LoggingConfig{ErrorLevelFor: func(err error) slog.Level {
+		if errors.Is(err, errNoStock) {
+			return slog.LevelInfo
+		}
+		return slog.LevelError
+	}}))
+	mLeveled := mediator.New(mediator.WithLayers(leveled.Layer()))
+	mediator.RegisterFunc(mLeveled, func(_ context.Context, c placeOrder) (string, error) {
+		if c.Customer == "panic" {
+			panic("boom")
+		}
+		return "", fmt.Errorf("placing: %w", errNoStock)
+	})
+	buf.Reset()
+	_, _ = mediator.Send(ctx, mLeveled, placeOrder{Customer: "x"})
+	assert.Contains(t, buf.String(), `level=INFO`)
+	assert.Contains(t, buf.String(), `outcome=error`)
+	buf.Reset()
+	assert.Panics(t, func() { _, _ = mediator.Send(ctx, mLeveled, placeOrder{Customer: "panic"}) })
+	assert.Contains(t, buf.String(), `level=ERROR`)
+
 	// Opt-in payloads, custom levels, and a disabled level logs nothing.
 	buf.Reset()
 	logging2 := must(behaviors.NewLogging(logger, behaviors.LoggingConfig{LogRequest: true, Level: slog.LevelInfo, Message: "dispatch"}))

@@ -21,6 +21,12 @@ type LoggingConfig struct {
 	// ErrorLevel is the level of failed (or panicking) dispatches. Default
 	// slog.LevelError.
 	ErrorLevel slog.Leveler
+	// ErrorLevelFor, when set, chooses the level of a dispatch that
+	// returned an error, from the error: an application logs the failures
+	// its callers expect and handle — not found, a conflict, invalid input
+	// — below ERROR, and the rest at ErrorLevel. It is not consulted for
+	// panics (always ErrorLevel). Default nil: every failure at ErrorLevel.
+	ErrorLevelFor func(error) slog.Level
 	// LogRequest adds the request itself as the "request" attribute.
 	// Default false: requests may carry personal data or secrets, so
 	// payloads are never logged unless asked for.
@@ -89,6 +95,9 @@ func (l *Logging) Handle(ctx context.Context, req any, info mediator.Info, next 
 			outcome, level = "panic", l.cfg.ErrorLevel.Level()
 		case err != nil:
 			outcome, level = "error", l.cfg.ErrorLevel.Level()
+			if l.cfg.ErrorLevelFor != nil {
+				level = l.cfg.ErrorLevelFor(err)
+			}
 		}
 		if !l.logger.Enabled(ctx, level) {
 			return

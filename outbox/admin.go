@@ -244,6 +244,12 @@ type DeadFilter struct {
 	// Since selects letters that died at or after it; Before those that
 	// died before it.
 	Since, Before time.Time
+	// Groups selects the letters of these failure groups (DeadGroup.ID).
+	// With IDs as well, a letter is selected when it is in either (the
+	// other fields still apply to both). The group of a letter is computed
+	// from its row, so a filter with Groups reads every letter the other
+	// fields select.
+	Groups []string
 	// All must be set to select every dead letter on purpose with Replay
 	// or Purge when no other field is set.
 	All bool
@@ -251,7 +257,7 @@ type DeadFilter struct {
 
 // Empty reports whether f has no selector at all (not even All).
 func (f DeadFilter) Empty() bool {
-	return len(f.IDs) == 0 && f.Kind == "" && f.Since.IsZero() && f.Before.IsZero() && !f.All
+	return len(f.IDs) == 0 && f.Kind == "" && f.Since.IsZero() && f.Before.IsZero() && len(f.Groups) == 0 && !f.All
 }
 
 // ErrNoSelector is returned by Replay and Purge for an empty DeadFilter: a
@@ -293,6 +299,11 @@ func (a *Admin) timeArg(t time.Time) any {
 
 // CountDead counts the dead letters f selects.
 func (a *Admin) CountDead(ctx context.Context, f DeadFilter) (int, error) {
+	if len(f.Groups) > 0 {
+		n := 0
+		err := a.scanDead(ctx, f, 0, func(DeadLetter, string, string) bool { n++; return true })
+		return n, err
+	}
 	w, args := a.where(f, 0)
 	var n int
 	if err := a.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM `+a.q.dead+` WHERE `+w, args...).Scan(&n); err != nil {
@@ -307,30 +318,22 @@ func (a *Admin) ListDead(ctx context.Context, f DeadFilter, afterID int64, limit
 	if limit <= 0 {
 		limit = 100
 	}
-	w, args := a.where(f, afterID)
-	args = append(args, limit)
-	rows, err := a.db.QueryContext(ctx, `SELECT id, uuid, message_id, kind, partition_key, payload, metadata, attempts, last_error, created_at, dead_at FROM `+
-		a.q.dead+` WHERE `+w+` ORDER BY id LIMIT `+a.q.ph(len(args)), args...)
-	if err != nil {
-		return nil, fmt.Errorf("outbox: list dead letters: %w", err)
+	if len(f.Groups) > 0 {
+		out := []DeadLetter{}
+		err := a.scanDead(ctx, f, afterID, func(l DeadLetter, _, _ string) bool {
+			out = append(out, l)
+			return len(out) < limit
+		})
+		return out, err
 	}
-	defer rows.Close()
-	out := []DeadLetter{}
-	for rows.Next() {
-		var l DeadLetter
-		var created, dead any
-		if err := rows.Scan(&l.ID, &l.UUID, &l.MessageID, &l.Kind, &l.PartitionKey, &l.Payload, &l.Metadata,
-			&l.Attempts, &l.LastError, &created, &dead); err != nil {
-			return nil, fmt.Errorf("outbox: list dead letters: %w", err)
-		}
-		l.CreatedAt, l.DeadAt = asTime(created), asTime(dead)
-		out = append(out, l)
-	}
-	return out, rows.Err()
+	return a.listDeadSQL(ctx, f, afterID, limit)
 }
 
 // deadIDs returns up to limit ids f selects above afterID.
 func (a *Admin) deadIDs(ctx context.Context, f DeadFilter, afterID int64, limit int) ([]int64, error) {
+	if len(f.Groups) > 0 {
+		return a.groupedIDs(ctx, f, afterID, limit)
+	}
 	w, args := a.where(f, afterID)
 	args = append(args, limit)
 	rows, err := a.db.QueryContext(ctx, `SELECT id FROM `+a.q.dead+` WHERE `+w+` ORDER BY id LIMIT `+a.q.ph(len(args)), args...)

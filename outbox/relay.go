@@ -248,6 +248,9 @@ type Relay struct {
 	mu      sync.Mutex
 	started bool // Run was called
 	closed  bool // Close was called
+
+	db     *sql.DB      // for the schema check at start (migrate.go)
+	logger *slog.Logger // the relay's
 }
 
 // ErrRelayClosed is returned by Run on a relay that was closed before it
@@ -290,7 +293,7 @@ func NewRelay(db *sql.DB, publisher message.Publisher, logger *slog.Logger, cfg 
 	if err != nil {
 		return nil, fmt.Errorf("outbox: NewRelay: %w", err)
 	}
-	return &Relay{sub: sub, fwd: fwd, cfg: cfg, done: make(chan struct{})}, nil
+	return &Relay{sub: sub, fwd: fwd, cfg: cfg, done: make(chan struct{}), db: db, logger: logger}, nil
 }
 
 // Owner is the name this relay holds leases under.
@@ -298,10 +301,22 @@ func (r *Relay) Owner() string { return r.cfg.Owner }
 
 // Run relays until Close is called or ctx is cancelled, then shuts down as
 // Close does. It returns an error when the relay cannot start or must stop
-// (another live relay on the table uses a different partition count); it
-// does not return on database or broker outages: it retries them with
-// backoff and logs.
+// (another live relay on the table uses a different partition count; the
+// schema is newer than this code or misses a table: a *SchemaError, see
+// CheckSchema — an older schema is only logged); it does not return on
+// database or broker outages: it retries them with backoff and logs.
 func (r *Relay) Run(ctx context.Context) error {
+	r.mu.Lock()
+	closed := r.closed
+	r.mu.Unlock()
+	if closed {
+		return ErrRelayClosed
+	}
+	// A schema newer than this code, or missing, stops here with a clear
+	// error rather than failing query by query.
+	if err := checkSchemaAtStart(ctx, r.db, r.cfg.Dialect, r.cfg.Table, r.logger); err != nil {
+		return err
+	}
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()

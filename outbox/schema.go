@@ -69,39 +69,33 @@ func keyHash(key string) int32 {
 }
 
 // SchemaSQL returns the statements that create the outbox table named table
-// and everything the relay needs next to it (dead letters, relay leases), in
-// order, for users who run their own migrations. Every statement is
-// idempotent (IF NOT EXISTS). The name is validated first.
+// and everything the relay needs next to it (dead letters, relay leases), at
+// SchemaVersion, with the statements that record the versions in
+// <table>_schema, in order: every version's MigrationSQL. Every statement is
+// idempotent (IF NOT EXISTS, insert-or-ignore). The name is validated first.
+// Migration tools that keep one file per version take MigrationSQL instead.
 func SchemaSQL(d Dialect, table string) ([]string, error) {
-	if d == nil {
-		return nil, fmt.Errorf("outbox: nil Dialect; use outbox.PostgreSQL, outbox.MySQL or outbox.SQLite")
-	}
-	if err := ValidateTableName(table); err != nil {
-		return nil, err
-	}
 	var stmts []string
-	stmts = append(stmts, d.outboxDDL(table)...)
-	stmts = append(stmts, d.deadDDL(table)...)
-	stmts = append(stmts, relayDDL(d, table)...)
+	for v := 1; v <= SchemaVersion; v++ {
+		s, err := MigrationSQL(d, table, v)
+		if err != nil {
+			return nil, err
+		}
+		stmts = append(stmts, s...)
+	}
 	return stmts, nil
 }
 
 // InitializeSchema creates the outbox table named table and its companions
-// if they do not exist. It must run on a *sql.DB, not inside the caller's
-// transaction: DDL commits implicitly on MySQL, which is why watermill-sql
-// refuses to initialize a schema on a transaction. Run it at start-up or
-// take the statements from SchemaSQL into your migrations.
+// if they do not exist, or upgrades them to SchemaVersion: it is Migrate,
+// with the same lock, so replicas may all run it at start-up. It must run
+// on a *sql.DB, not inside the caller's transaction: DDL commits implicitly
+// on MySQL, which is why watermill-sql refuses to initialize a schema on a
+// transaction. Run it at start-up, run `tailrace migrate up`, or take the
+// statements from MigrationSQL into your migrations.
 func InitializeSchema(ctx context.Context, db *sql.DB, d Dialect, table string) error {
-	stmts, err := SchemaSQL(d, table)
-	if err != nil {
-		return err
-	}
-	for _, s := range stmts {
-		if _, err := db.ExecContext(ctx, s); err != nil {
-			return fmt.Errorf("outbox: initialize schema for %q: %w\nstatement: %s", table, err, s)
-		}
-	}
-	return nil
+	_, err := Migrate(ctx, db, d, table)
+	return err
 }
 
 // ---------------------------------------------------------------- PostgreSQL

@@ -603,13 +603,66 @@ func canonOf(m map[string]string) func(string) string {
 	}
 }
 
+// suggest returns the canonical field name of m closest to key — at most
+// two edits (insertions, deletions, substitutions or swaps of neighbours,
+// ignoring case) and fewer than half of key's letters — or "" when none is
+// that close. Ties go to the alphabetically first name.
+func suggest(key string, m map[string]string) string {
+	best, bestD := "", 3
+	if len(key) > 64 {
+		return ""
+	}
+	for _, c := range m {
+		d := editDistance(strings.ToLower(key), strings.ToLower(c))
+		if d == 0 || d*2 >= len(key) {
+			continue // the name itself (misplaced, not misspelt), or too far
+		}
+		if d < bestD || (d == bestD && c < best) {
+			best, bestD = c, d
+		}
+	}
+	return best
+}
+
+// editDistance is the optimal string alignment distance between a and b:
+// insertions, deletions, substitutions and transpositions of adjacent
+// bytes each cost one.
+func editDistance(a, b string) int {
+	d := make([][]int, len(a)+1)
+	for i := range d {
+		d[i] = make([]int, len(b)+1)
+		d[i][0] = i
+	}
+	for j := range d[0] {
+		d[0][j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			d[i][j] = min(d[i-1][j]+1, d[i][j-1]+1, d[i-1][j-1]+cost)
+			if i > 1 && j > 1 && a[i-1] == b[j-2] && a[i-2] == b[j-1] {
+				d[i][j] = min(d[i][j], d[i-2][j-2]+1)
+			}
+		}
+	}
+	return d[len(a)][len(b)]
+}
+
 func (p *fileParser) unknown(tok json.Token, off int, field, key string, m map[string]string) error {
 	msg := fmt.Sprintf("%q", key)
+	cased := false
 	for k, c := range m {
 		if strings.EqualFold(k, key) && k == c && k != key {
 			msg += fmt.Sprintf(" (names are case-sensitive: %q or %q)", c, strings.ToLower(c[:1])+c[1:])
+			cased = true
 			break
 		}
+	}
+	if s := suggest(key, m); !cased && s != "" {
+		msg += fmt.Sprintf(" (did you mean %q?)", s)
 	}
 	p.fail(off, join(field, key), detail(ErrUnknownField, "%s", msg))
 	t, o, err := p.must()

@@ -363,3 +363,36 @@ func TestInvalidUTF8Rejected(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestUnknownFieldSuggestion checks that a misspelt field name gets a
+// "did you mean" with the closest defined name, at every level, and that a
+// name close to nothing gets none.
+func TestUnknownFieldSuggestion(t *testing.T) {
+	cases := []struct{ src, want string }{
+		{`{"Rules": [{"Priorty": 1, "Match": {}, "Publishers": [{"Key": "amqp", "Destination": "x"}]}]}`, `"Priorty" (did you mean "Priority"?)`},
+		{`{"Rules": [{"Priority": 1, "Match": {}, "Publishers": [{"Key": "amqp", "Destinaton": "x"}]}]}`, `"Destinaton" (did you mean "Destination"?)`},
+		{`{"Rules": [{"Priority": 1, "Mtach": {}, "Publishers": [{"Key": "amqp", "Destination": "x"}]}]}`, `"Mtach" (did you mean "Match"?)`},
+		{`{"Rulez": []}`, `"Rulez" (did you mean "Rules"?)`},
+		{`{"Rules": [{"priority": 1, "Match": {}, "Publishers": [{"Key": "amqp", "Destination": "x"}]}]}`, ""},
+	}
+	for _, c := range cases {
+		_, err := Parse("p.json", []byte(c.src), nil)
+		if !errors.Is(err, ErrUnknownField) && c.want != "" {
+			t.Errorf("%s: %v", c.src, err)
+			continue
+		}
+		if c.want != "" && !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v; want %s", c.src, err, c.want)
+		}
+	}
+	if _, err := Parse("p.json", []byte(`{"Rules": [{"Priority": 1, "Zzz": 1, "Match": {}, "Publishers": [{"Key": "amqp", "Destination": "x"}]}]}`), nil); err == nil ||
+		strings.Contains(err.Error(), "did you mean") {
+		t.Errorf("no close name: %v", err)
+	}
+	if d := editDistance("priorty", "priority"); d != 1 {
+		t.Errorf("editDistance = %d", d)
+	}
+	if d := editDistance("mtach", "match"); d != 1 {
+		t.Errorf("editDistance swap = %d", d)
+	}
+}

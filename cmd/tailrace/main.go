@@ -2,6 +2,10 @@
 //
 //	tailrace policy lint FILE|DIR...
 //	tailrace policy explain FILE|DIR... --event NAME [--domain D] [--tenant-tier T] [--attr k=v]... [--json]
+//	tailrace outbox status|dead|replay|purge --db DSN ...
+//	tailrace poison list|replay --broker URL ...
+//	tailrace migrate up|status|validate --db DSN, tailrace migrate sql --dialect D
+//	tailrace version [--json]
 //
 // Exit codes: 0 success, 1 the input is invalid (or, for lint --strict, has
 // warnings), 2 usage error, 3 explain found no route.
@@ -77,14 +81,17 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if err == nil {
 		return exitOK
 	}
+	// Errors may come from a database driver that quotes its connection
+	// string: no password of --db or $TAILRACE_DB is ever printed.
+	scrub := newScrubber(args)
 	var ee *exitError
 	if errors.As(err, &ee) {
 		if ee.err != nil {
-			fmt.Fprintln(stderr, "tailrace:", ee.err)
+			fmt.Fprintln(stderr, "tailrace:", scrub.String(ee.err.Error()))
 		}
 		return ee.code
 	}
-	fmt.Fprintln(stderr, "tailrace:", err)
+	fmt.Fprintln(stderr, "tailrace:", scrub.String(err.Error()))
 	if cmd != nil {
 		fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", cmd.CommandPath())
 	}

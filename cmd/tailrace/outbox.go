@@ -4,17 +4,21 @@ import (
 	"bufio"
 	"context"
 	"database/sql"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 
-	"github.com/go-sql-driver/mysql"
+	_ "github.com/go-sql-driver/mysql" // the "mysql" driver
 	_ "github.com/jackc/pgx/v5/stdlib" // the "pgx" driver
 	"github.com/spf13/cobra"
 	_ "modernc.org/sqlite" // the "sqlite" driver
@@ -37,7 +41,7 @@ type outboxFlags struct {
 
 func (f *outboxFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.db, "db", os.Getenv("TAILRACE_DB"),
-		"database: postgres://… URL, mysql DSN (user:pass@tcp(host:3306)/db, or mysql://… the same), or SQLite file (path, file:…, sqlite:…); default $TAILRACE_DB")
+		"database: postgres://… URL, PostgreSQL key=value DSN (host=… dbname=…), MySQL DSN (user:pass@tcp(host:3306)/db, or mysql://… the same), or SQLite file (path, file:…, sqlite:…); default $TAILRACE_DB")
 	cmd.Flags().StringVar(&f.table, "table", outbox.DefaultTable, "outbox table")
 	cmd.Flags().BoolVar(&f.json, "json", false, "print machine-readable JSON")
 	cmd.Flags().DurationVar(&f.timeout, "timeout", 5*time.Minute, "give up after this long")
@@ -45,23 +49,11 @@ func (f *outboxFlags) register(cmd *cobra.Command) {
 
 // open connects to the database and returns the Admin of the table.
 func (f *outboxFlags) open(ctx context.Context) (*outbox.Admin, func(), error) {
-	if f.db == "" {
-		return nil, nil, errors.New("--db is required (or set TAILRACE_DB)")
-	}
-	driver, dsn, d, err := parseDB(f.db)
+	db, t, err := openDB(ctx, f.db)
 	if err != nil {
 		return nil, nil, err
 	}
-	db, err := sql.Open(driver, dsn)
-	if err != nil {
-		return nil, nil, &exitError{code: exitInvalid, err: fmt.Errorf("open %s database: %w", d.Name(), err)}
-	}
-	db.SetMaxOpenConns(2)
-	if err := db.PingContext(ctx); err != nil {
-		_ = db.Close()
-		return nil, nil, &exitError{code: exitInvalid, err: fmt.Errorf("connect to the %s database: %w", d.Name(), err)}
-	}
-	a, err := outbox.NewAdmin(db, d, f.table)
+	a, err := outbox.NewAdmin(db, t.dialect, f.table)
 	if err != nil {
 		_ = db.Close()
 		return nil, nil, err
@@ -69,44 +61,27 @@ func (f *outboxFlags) open(ctx context.Context) (*outbox.Admin, func(), error) {
 	return a, func() { _ = db.Close() }, nil
 }
 
-// parseDB tells the database kind from --db and returns the driver, its
-// DSN and the outbox dialect. Errors never repeat the value, which may hold
-// a password.
-func parseDB(s string) (driver, dsn string, d outbox.Dialect, err error) {
-	switch {
-	case strings.HasPrefix(s, "postgres://"), strings.HasPrefix(s, "postgresql://"):
-		return "pgx", s, outbox.PostgreSQL, nil
-	case strings.HasPrefix(s, "mysql://") || strings.Contains(s, "@tcp(") || strings.Contains(s, "@unix("):
-		cfg, err := mysql.ParseDSN(strings.TrimPrefix(s, "mysql://"))
-		if err != nil {
-			return "", "", nil, errors.New("--db looks like a MySQL DSN but does not parse (want user:password@tcp(host:3306)/database)")
-		}
-		cfg.ParseTime = true
-		return "mysql", cfg.FormatDSN(), outbox.MySQL, nil
+// openDB opens and pings the database of --db. Its errors name the form of
+// the connection string, never its value (run scrubs passwords from
+// whatever a driver says, too).
+func openDB(ctx context.Context, s string) (*sql.DB, dbTarget, error) {
+	if s == "" {
+		return nil, dbTarget{}, errors.New("--db is required (or set TAILRACE_DB)")
 	}
-	path := strings.TrimPrefix(strings.TrimPrefix(s, "sqlite://"), "sqlite:")
-	if strings.Contains(path, "://") {
-		return "", "", nil, errors.New("--db: unknown database URL scheme; want postgres://, mysql:// or an SQLite file")
+	t, err := parseDB(s)
+	if err != nil {
+		return nil, t, err
 	}
-	file := strings.TrimPrefix(path, "file:")
-	if i := strings.IndexByte(file, '?'); i >= 0 {
-		file = file[:i]
+	db, err := sql.Open(t.driver, t.dsn)
+	if err != nil {
+		return nil, t, &exitError{code: exitInvalid, err: fmt.Errorf("open the %s: %w", t.form, err)}
 	}
-	// sql.Open would create a missing file: an admin command must not.
-	if _, err := os.Stat(file); err != nil {
-		return "", "", nil, fmt.Errorf("--db: SQLite file %q: %w", file, err)
+	db.SetMaxOpenConns(2)
+	if err := db.PingContext(ctx); err != nil {
+		_ = db.Close()
+		return nil, t, &exitError{code: exitInvalid, err: fmt.Errorf("connect with the %s: %w", t.form, err)}
 	}
-	if !strings.HasPrefix(path, "file:") {
-		path = "file:" + path
-	}
-	if !strings.Contains(path, "busy_timeout") {
-		sep := "?"
-		if strings.Contains(path, "?") {
-			sep = "&"
-		}
-		path += sep + "_pragma=busy_timeout(5000)"
-	}
-	return "sqlite", path, outbox.SQLite, nil
+	return db, t, nil
 }
 
 func newOutboxCmd(e *env) *cobra.Command {
@@ -116,9 +91,15 @@ func newOutboxCmd(e *env) *cobra.Command {
 		Long: `Operate on one outbox table (default tailrace_outbox) in a database given
 with --db (or $TAILRACE_DB):
 
-  postgres://user@host:5432/db?sslmode=disable
+  postgres://user@host:5432/db?sslmode=disable         (PostgreSQL URL)
+  'host=db.internal user=app password=… dbname=app'     (PostgreSQL key=value DSN)
   user:password@tcp(host:3306)/db        (MySQL/MariaDB; mysql://… also works)
   ./service.db, file:./service.db, sqlite:./service.db   (SQLite; must exist)
+
+The form is told by its syntax, never by whether a file exists: a string
+starting with key= is a key=value DSN, one with an @ a MySQL DSN; give a file
+whose name looks like either as sqlite:PATH. No error or output repeats the
+password.
 
 Exit status: 0 success, 1 the operation failed or was not confirmed, 2 usage error.`,
 		Args: cobra.ArbitraryArgs,
@@ -141,6 +122,10 @@ func outboxFail(err error) error {
 	var ee *exitError
 	if errors.As(err, &ee) || err == nil {
 		return err
+	}
+	if msg := err.Error(); strings.Contains(msg, "42P01") || strings.Contains(msg, "Error 1146") || strings.Contains(msg, "no such table") {
+		// A missing table: say how to look and fix.
+		err = fmt.Errorf("%w\n(is the outbox schema there? `tailrace migrate status` tells; `tailrace migrate up` creates it)", err)
 	}
 	return &exitError{code: exitInvalid, err: err}
 }
@@ -218,6 +203,7 @@ func printStatus(w io.Writer, st outbox.Status) {
 type selectFlags struct {
 	kind          string
 	since, before string
+	groups        []string
 	all           bool
 }
 
@@ -232,10 +218,20 @@ func (s *selectFlags) register(cmd *cobra.Command, beforeName, beforeHelp string
 // filter builds the DeadFilter from the flags and the id arguments.
 func (s *selectFlags) filter(args []string) (outbox.DeadFilter, error) {
 	f := outbox.DeadFilter{Kind: s.kind, All: s.all}
+	for _, g := range s.groups {
+		if !outbox.IsGroupID(g) {
+			return f, fmt.Errorf("--group %q is not a group id (g and 10 hex digits, as `tailrace outbox dead --group` lists them)", g)
+		}
+		f.Groups = append(f.Groups, g)
+	}
 	for _, a := range args {
+		if outbox.IsGroupID(a) {
+			f.Groups = append(f.Groups, a)
+			continue
+		}
 		id, err := strconv.ParseInt(a, 10, 64)
 		if err != nil || id <= 0 {
-			return f, fmt.Errorf("dead letter id %q is not a positive integer", a)
+			return f, fmt.Errorf("dead letter id %q is not a positive integer (nor a group id)", a)
 		}
 		f.IDs = append(f.IDs, id)
 	}
@@ -288,11 +284,22 @@ func newOutboxDeadCmd(e *env) *cobra.Command {
 	var sel selectFlags
 	var limit int
 	var after int64
+	var group bool
 	cmd := &cobra.Command{
-		Use:   "dead [ID...]",
-		Short: "List dead letters with their errors",
+		Use:   "dead [ID|GROUP...] [--group]",
+		Short: "List dead letters with their errors, or their failure groups",
 		Long: `List the dead letters of an outbox, oldest id first, with the error that
-killed each one. Page with --after the last id shown.`,
+killed each one. Page with --after the last id shown. Arguments select ids
+and failure groups (g…); an id that is not a dead letter is named and makes
+the exit status 1.
+
+--group lists failure groups instead: the letters that share a kind, a
+destination and an error once numbers, ids and UUIDs are masked, with their
+count and when the first and last died, largest first. Replay or purge a
+whole group with its id ('tailrace outbox replay g3fa2c1b0d9').
+
+'tailrace outbox dead show ID' prints one letter with its headers and
+payload.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			filter, err := sel.filter(args)
 			if err != nil {
@@ -305,6 +312,16 @@ killed each one. Page with --after the last id shown.`,
 				return err
 			}
 			defer done()
+			unknown, err := unknownSelected(ctx, a, filter)
+			if err != nil {
+				return outboxFail(err)
+			}
+			if group {
+				if err := printGroups(ctx, e, a, filter, f.json); err != nil {
+					return err
+				}
+				return withUnknown(unknown)
+			}
 			total, err := a.CountDead(ctx, filter)
 			if err != nil {
 				return outboxFail(err)
@@ -335,7 +352,10 @@ killed each one. Page with --after the last id shown.`,
 					}
 					out.Letters = append(out.Letters, j)
 				}
-				return writeJSON(e, out)
+				if err := writeJSON(e, out); err != nil {
+					return err
+				}
+				return withUnknown(unknown)
 			}
 			tw := tabwriter.NewWriter(e.stdout, 0, 0, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tKIND\tATTEMPTS\tDEAD AT\tMESSAGE ID\tERROR")
@@ -348,17 +368,200 @@ killed each one. Page with --after the last id shown.`,
 			}
 			_ = tw.Flush()
 			fmt.Fprintf(e.stdout, "%d of %d dead letter(s) shown\n", len(letters), total)
-			return nil
+			return withUnknown(unknown)
 		},
 	}
 	f.register(cmd)
 	sel.register(cmd, "", "")
 	cmd.Flags().IntVar(&limit, "limit", 50, "show at most this many")
 	cmd.Flags().Int64Var(&after, "after", 0, "show ids above this one (paging)")
+	cmd.Flags().BoolVar(&group, "group", false, "list failure groups (kind, destination, normalized error) with counts instead of letters")
+	cmd.AddCommand(newOutboxDeadShowCmd(e))
+	return cmd
+}
+
+// printGroups prints the failure groups of the letters filter selects.
+func printGroups(ctx context.Context, e *env, a *outbox.Admin, filter outbox.DeadFilter, asJSON bool) error {
+	groups, err := a.DeadGroups(ctx, filter)
+	if err != nil {
+		return outboxFail(err)
+	}
+	if asJSON {
+		return writeJSON(e, struct {
+			Groups []outbox.DeadGroup `json:"groups"`
+		}{groups})
+	}
+	tw := tabwriter.NewWriter(e.stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "GROUP\tCOUNT\tKIND\tDESTINATION\tFIRST DEAD\tLAST DEAD\tERROR")
+	total := 0
+	for _, g := range groups {
+		msg := g.Error
+		if len(msg) > 100 {
+			msg = msg[:100] + "…"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\n", g.ID, g.Count, g.Kind, g.Destination,
+			g.FirstDeadAt.UTC().Format(time.RFC3339), g.LastDeadAt.UTC().Format(time.RFC3339), msg)
+		total += g.Count
+	}
+	_ = tw.Flush()
+	fmt.Fprintf(e.stdout, "%d group(s), %d dead letter(s)\n", len(groups), total)
+	return nil
+}
+
+// showJSON is one dead letter in `dead show --json`.
+type showJSON struct {
+	deadJSON
+	Headers map[string]string `json:"headers"`
+	// Payload is the payload as text when it is valid UTF-8, else
+	// PayloadBase64 holds it; both are cut at --max-bytes (Truncated).
+	Payload       string `json:"payload,omitempty"`
+	PayloadBase64 string `json:"payload_base64,omitempty"`
+	Truncated     bool   `json:"truncated,omitempty"`
+}
+
+func newOutboxDeadShowCmd(e *env) *cobra.Command {
+	var f outboxFlags
+	var maxBytes int
+	cmd := &cobra.Command{
+		Use:   "show ID",
+		Short: "Print one dead letter: its error, headers and payload",
+		Long: `Print one dead letter with the error that killed it, the headers (metadata)
+it was staged with, its destination and its payload. The payload is printed
+as text when it is UTF-8 (base64 otherwise) and cut at --max-bytes (default
+64 KiB; 0 prints all of it). Exit status 1 when the id is not a dead letter.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := strconv.ParseInt(args[0], 10, 64)
+			if err != nil || id <= 0 {
+				return fmt.Errorf("dead letter id %q is not a positive integer", args[0])
+			}
+			if maxBytes < 0 {
+				return fmt.Errorf("--max-bytes must not be negative")
+			}
+			ctx, cancel := outboxTimeout(&f)
+			defer cancel()
+			a, done, err := f.open(ctx)
+			if err != nil {
+				return err
+			}
+			defer done()
+			l, err := a.DeadLetter(ctx, id)
+			if errors.Is(err, outbox.ErrDeadLetterNotFound) {
+				return &exitError{code: exitInvalid, err: fmt.Errorf("no dead letter with id %d (never dead, or replayed or purged already)", id)}
+			}
+			if err != nil {
+				return outboxFail(err)
+			}
+			j := showJSON{deadJSON: deadJSON{ID: l.ID, MessageID: l.MessageID, UUID: l.UUID, Kind: l.Kind, PartitionKey: l.PartitionKey,
+				Attempts: l.Attempts, LastError: l.LastError, CreatedAt: l.CreatedAt, DeadAt: l.DeadAt}}
+			payload := l.Payload
+			env, envErr := l.Envelope()
+			if envErr == nil {
+				j.Destination, j.Headers, payload = env.Destination, env.Metadata, env.Payload
+			}
+			j.PayloadBytes = len(payload)
+			shown := payload
+			if maxBytes > 0 && len(shown) > maxBytes {
+				shown, j.Truncated = shown[:maxBytes], true
+				for !utf8.Valid(shown) && len(shown) > maxBytes-4 && len(shown) > 0 {
+					shown = shown[:len(shown)-1] // do not cut a rune in two
+				}
+			}
+			text := utf8.Valid(payload)
+			if text {
+				j.Payload = string(shown)
+			} else {
+				j.PayloadBase64 = base64.StdEncoding.EncodeToString(shown)
+			}
+			if f.json {
+				return writeJSON(e, j)
+			}
+			w := e.stdout
+			fmt.Fprintf(w, "dead letter %d of %s\n", l.ID, a.Table())
+			fmt.Fprintf(w, "  kind:          %s\n", l.Kind)
+			fmt.Fprintf(w, "  message id:    %s\n", l.MessageID)
+			fmt.Fprintf(w, "  uuid:          %s\n", l.UUID)
+			if l.PartitionKey != "" {
+				fmt.Fprintf(w, "  partition key: %s\n", l.PartitionKey)
+			}
+			fmt.Fprintf(w, "  destination:   %s\n", j.Destination)
+			fmt.Fprintf(w, "  group:         %s\n", l.Group())
+			fmt.Fprintf(w, "  attempts:      %d\n", l.Attempts)
+			fmt.Fprintf(w, "  staged:        %s\n", l.CreatedAt.UTC().Format(time.RFC3339Nano))
+			fmt.Fprintf(w, "  dead:          %s\n", l.DeadAt.UTC().Format(time.RFC3339Nano))
+			fmt.Fprintf(w, "  error:         %s\n", l.LastError)
+			if envErr != nil {
+				fmt.Fprintf(w, "  (the row is not a forwarder envelope; the payload below is the raw row)\n")
+			}
+			fmt.Fprintf(w, "headers:\n")
+			keys := slices.Sorted(maps.Keys(j.Headers))
+			for _, k := range keys {
+				fmt.Fprintf(w, "  %s: %s\n", k, j.Headers[k])
+			}
+			enc := "text"
+			if !text {
+				enc = "base64"
+			}
+			fmt.Fprintf(w, "payload (%d bytes, %s):\n", len(payload), enc)
+			if text {
+				fmt.Fprintln(w, j.Payload)
+			} else {
+				fmt.Fprintln(w, j.PayloadBase64)
+			}
+			if j.Truncated {
+				fmt.Fprintf(w, "… %d more byte(s) not shown (--max-bytes 0 shows all)\n", len(payload)-len(shown))
+			}
+			return nil
+		},
+	}
+	f.register(cmd)
+	cmd.Flags().IntVar(&maxBytes, "max-bytes", 64<<10, "print at most this many payload bytes (0: all)")
 	return cmd
 }
 
 // ------------------------------------------------------------ replay, purge
+
+// unknownSelected returns, as unknown, an error naming the ids of f that
+// are not dead letters and the groups of f that have none (nil when all are
+// known); err is a failure to look them up.
+func unknownSelected(ctx context.Context, a *outbox.Admin, f outbox.DeadFilter) (unknown, err error) {
+	var parts []string
+	if len(f.IDs) > 0 {
+		missing, err := a.MissingDead(ctx, f.IDs)
+		if err != nil {
+			return nil, err
+		}
+		if len(missing) > 0 {
+			ids := make([]string, len(missing))
+			for i, id := range missing {
+				ids[i] = strconv.FormatInt(id, 10)
+			}
+			parts = append(parts, "no dead letter with id "+strings.Join(ids, ", ")+" (never dead, or replayed or purged already)")
+		}
+	}
+	for _, g := range f.Groups {
+		n, err := a.CountDead(ctx, outbox.DeadFilter{Groups: []string{g}})
+		if err != nil {
+			return nil, err
+		}
+		if n == 0 {
+			parts = append(parts, "no dead letter in group "+g)
+		}
+	}
+	if len(parts) == 0 {
+		return nil, nil
+	}
+	return errors.New(strings.Join(parts, "; ")), nil
+}
+
+// withUnknown ends a replay or purge: exit 1 naming the unknown ids and
+// groups, after the known ones were handled.
+func withUnknown(unknown error) error {
+	if unknown == nil {
+		return nil
+	}
+	return &exitError{code: exitInvalid, err: unknown}
+}
 
 // outboxProgress prints "verb done/total" on stderr after each batch when the
 // operation takes more than one batch.
@@ -375,20 +578,23 @@ func newOutboxReplayCmd(e *env) *cobra.Command {
 	var sel selectFlags
 	var batch int
 	cmd := &cobra.Command{
-		Use:   "replay [ID...] [--kind K] [--since T] [--all]",
+		Use:   "replay [ID|GROUP...] [--group G] [--kind K] [--since T] [--all]",
 		Short: "Move dead letters back into the outbox to be relayed again",
 		Long: `Move the selected dead letters back into the outbox, where the relay sends
 them again with their message ids (consumers' inboxes still deduplicate).
-Select by id arguments, --kind, --since, or --all; several selectors combine
-with AND. Replay is idempotent: a dead letter is moved back exactly once, even
-by two replays running at the same time. Progress goes to stderr.`,
+Select by id arguments, failure groups (g… arguments or --group, as
+'tailrace outbox dead --group' lists them), --kind, --since, or --all;
+ids and groups add up, the other selectors combine with them with AND. Replay is idempotent: a dead letter is
+moved back exactly once, even by two replays running at the same time.
+An id that is not a dead letter (or a group without one) is named and makes
+the exit status 1, after the others were replayed. Progress goes to stderr.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			filter, err := sel.filter(args)
 			if err != nil {
 				return err
 			}
 			if filter.Empty() {
-				return errors.New("replay needs ids, --kind, --since or --all")
+				return errors.New("replay needs ids, groups, --kind, --since or --all")
 			}
 			ctx, cancel := outboxTimeout(&f)
 			defer cancel()
@@ -397,20 +603,28 @@ by two replays running at the same time. Progress goes to stderr.`,
 				return err
 			}
 			defer done()
+			unknown, err := unknownSelected(ctx, a, filter)
+			if err != nil {
+				return outboxFail(err)
+			}
 			n, err := a.Replay(ctx, filter, &outbox.BatchOptions{Size: batch, Progress: outboxProgress(e.stderr, "replayed", batch)})
 			if err != nil {
 				return outboxFail(fmt.Errorf("%w (%d replayed before the error)", err, n))
 			}
 			if f.json {
-				return writeJSON(e, map[string]int{"replayed": n})
+				if err := writeJSON(e, map[string]int{"replayed": n}); err != nil {
+					return err
+				}
+				return withUnknown(unknown)
 			}
 			fmt.Fprintf(e.stdout, "replayed %d dead letter(s) into %s\n", n, a.Table())
-			return nil
+			return withUnknown(unknown)
 		},
 	}
 	f.register(cmd)
 	sel.register(cmd, "", "")
 	cmd.Flags().BoolVar(&sel.all, "all", false, "select every dead letter")
+	cmd.Flags().StringSliceVar(&sel.groups, "group", nil, "only dead letters of this failure group (repeatable; see dead --group)")
 	cmd.Flags().IntVar(&batch, "batch", outbox.DefaultAdminBatch, "dead letters per transaction")
 	return cmd
 }
@@ -421,19 +635,21 @@ func newOutboxPurgeCmd(e *env) *cobra.Command {
 	var batch int
 	var yes bool
 	cmd := &cobra.Command{
-		Use:   "purge [ID...] [--older-than D] [--kind K] [--all] [--yes]",
+		Use:   "purge [ID|GROUP...] [--group G] [--older-than D] [--kind K] [--all] [--yes]",
 		Short: "Delete dead letters for good",
-		Long: `Delete the selected dead letters for good. Select by id arguments,
---older-than (died before that time, or that long ago), --kind, --since, or
---all; several selectors combine with AND. Without a selector nothing is
-deleted. Asks for confirmation on stdin unless --yes. Progress goes to stderr.`,
+		Long: `Delete the selected dead letters for good. Select by id arguments, failure
+groups (g… arguments or --group), --older-than (died before that time, or
+that long ago), --kind, --since, or --all; ids and groups add up, the other
+selectors combine with them with AND. Without a selector nothing is deleted. Asks for confirmation on stdin
+unless --yes. An id that is not a dead letter (or a group without one) is
+named and makes the exit status 1. Progress goes to stderr.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			filter, err := sel.filter(args)
 			if err != nil {
 				return err
 			}
 			if filter.Empty() {
-				return errors.New("purge needs ids, --older-than, --kind, --since or --all")
+				return errors.New("purge needs ids, groups, --older-than, --kind, --since or --all")
 			}
 			ctx, cancel := outboxTimeout(&f)
 			defer cancel()
@@ -442,6 +658,10 @@ deleted. Asks for confirmation on stdin unless --yes. Progress goes to stderr.`,
 				return err
 			}
 			defer done()
+			unknown, err := unknownSelected(ctx, a, filter)
+			if err != nil {
+				return outboxFail(err)
+			}
 			if !yes {
 				n, err := a.CountDead(ctx, filter)
 				if err != nil {
@@ -449,10 +669,13 @@ deleted. Asks for confirmation on stdin unless --yes. Progress goes to stderr.`,
 				}
 				if n == 0 {
 					if f.json {
-						return writeJSON(e, map[string]int{"purged": 0})
+						if err := writeJSON(e, map[string]int{"purged": 0}); err != nil {
+							return err
+						}
+						return withUnknown(unknown)
 					}
 					fmt.Fprintln(e.stdout, "no dead letter matches; nothing to purge")
-					return nil
+					return withUnknown(unknown)
 				}
 				fmt.Fprintf(e.stderr, "Delete %d dead letter(s) of %s for good? [y/N] ", n, a.Table())
 				line, _ := bufio.NewReader(stdin).ReadString('\n')
@@ -465,15 +688,19 @@ deleted. Asks for confirmation on stdin unless --yes. Progress goes to stderr.`,
 				return outboxFail(fmt.Errorf("%w (%d purged before the error)", err, n))
 			}
 			if f.json {
-				return writeJSON(e, map[string]int{"purged": n})
+				if err := writeJSON(e, map[string]int{"purged": n}); err != nil {
+					return err
+				}
+				return withUnknown(unknown)
 			}
 			fmt.Fprintf(e.stdout, "purged %d dead letter(s) from %s\n", n, a.Table())
-			return nil
+			return withUnknown(unknown)
 		},
 	}
 	f.register(cmd)
 	sel.register(cmd, "older-than", "only dead letters that died before this time (RFC 3339) or more than this long ago (e.g. 720h)")
 	cmd.Flags().BoolVar(&sel.all, "all", false, "select every dead letter")
+	cmd.Flags().StringSliceVar(&sel.groups, "group", nil, "only dead letters of this failure group (repeatable; see dead --group)")
 	cmd.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
 	cmd.Flags().IntVar(&batch, "batch", outbox.DefaultAdminBatch, "dead letters per transaction")
 	return cmd

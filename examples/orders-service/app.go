@@ -167,7 +167,9 @@ func (a *App) Run(ctx context.Context) error {
 // provideMediatorConfig is the mediator's configuration: the defaults.
 func provideMediatorConfig() mediator.Config { return mediator.Config{} }
 
-func provideLoggingConfig() behaviors.LoggingConfig       { return behaviors.LoggingConfig{} }
+func provideLoggingConfig() behaviors.LoggingConfig {
+	return behaviors.LoggingConfig{ErrorLevelFor: errorLogLevel}
+}
 func provideRecoverConfig() behaviors.RecoverConfig       { return behaviors.RecoverConfig{} }
 func provideValidationConfig() behaviors.ValidationConfig { return behaviors.ValidationConfig{} }
 

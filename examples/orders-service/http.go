@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"time"
@@ -15,7 +17,9 @@ import (
 
 // routes is the HTTP API:
 //
-//	POST /orders               {"customer": "ada", "amount_cents": 1250} → 201 {"id": "..."}
+//	POST /orders               {"customer": "ada", "amount_cents": 1250} → 201 {"id": "..."};
+//	                           400 invalid (the body must be exactly one JSON object),
+//	                           413 a body over 1 MiB or an order whose event exceeds the outbox cap
 //	POST /orders/{id}/cancel   → 204, 404 unknown order, 409 already cancelled
 //	GET  /orders/{id}          → 200 the order and the events the consumer received
 //	GET  /healthz              → 200 or 503 with the state of each part
@@ -37,12 +41,12 @@ func tenantContext(r *http.Request) context.Context {
 	return outbox.WithTenant(r.Context(), r.Header.Get("X-Tenant"), r.Header.Get("X-Tenant-Tier"))
 }
 
+// maxBodyBytes bounds a request body; a larger one is answered 413.
+const maxBodyBytes = 1 << 20
+
 func (a *App) createOrder(w http.ResponseWriter, r *http.Request) {
 	var c CreateOrder
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&c); err != nil {
-		writeJSON(w, http.StatusBadRequest, errorBody{Error: "invalid JSON: " + err.Error()})
+	if !decodeBody(w, r, &c) {
 		return
 	}
 	id, err := mediator.Send(tenantContext(r), a.m, c)
@@ -68,6 +72,34 @@ func (a *App) getOrder(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, o)
+}
+
+// decodeBody decodes the body of r, which must hold exactly one JSON object
+// with no unknown fields and at most maxBodyBytes, into v. On failure it
+// answers 413 (too large) or 400 and returns false.
+func decodeBody(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	dec.DisallowUnknownFields()
+	err := dec.Decode(v)
+	if err == nil {
+		// Anything after the object but white space — a second object,
+		// stray bytes — makes the body invalid, not silently ignored.
+		if _, next := dec.Token(); next != io.EOF {
+			err = errors.New("the body must hold exactly one JSON object")
+			if next != nil {
+				err = next
+			}
+		}
+	}
+	if err == nil {
+		return true
+	}
+	if mbe := (*http.MaxBytesError)(nil); errors.As(err, &mbe) {
+		writeJSON(w, http.StatusRequestEntityTooLarge, errorBody{Error: fmt.Sprintf("request body larger than %d bytes", mbe.Limit)})
+		return false
+	}
+	writeJSON(w, http.StatusBadRequest, errorBody{Error: "invalid JSON: " + err.Error()})
+	return false
 }
 
 // Health is the body of /healthz.
@@ -114,6 +146,21 @@ type fieldError struct {
 	Message string `json:"message"`
 }
 
+// errorLogLevel is the level at which the Logging behavior logs a failed
+// dispatch (LoggingConfig.ErrorLevelFor): the outcomes writeError answers
+// with a 4xx are expected — the client's mistake or a conflict it handles —
+// and logged at INFO; anything else is a server error, at ERROR.
+func errorLogLevel(err error) slog.Level {
+	var ve *behaviors.ValidationError
+	switch {
+	case errors.As(err, &ve), errors.Is(err, ErrNotFound), errors.Is(err, ErrNotCancellable):
+		return slog.LevelInfo
+	case errors.Is(err, outbox.ErrPayloadTooLarge):
+		return slog.LevelWarn
+	}
+	return slog.LevelError
+}
+
 // writeError maps the handlers' errors to HTTP statuses; anything unexpected
 // is logged and reported as 500 without details.
 func (a *App) writeError(w http.ResponseWriter, r *http.Request, err error) {
@@ -129,6 +176,10 @@ func (a *App) writeError(w http.ResponseWriter, r *http.Request, err error) {
 		writeJSON(w, http.StatusNotFound, errorBody{Error: ErrNotFound.Error()})
 	case errors.Is(err, ErrNotCancellable):
 		writeJSON(w, http.StatusConflict, errorBody{Error: ErrNotCancellable.Error()})
+	case errors.Is(err, outbox.ErrPayloadTooLarge):
+		// The event the order would stage exceeds the outbox's cap
+		// (outbox.Config.MaxPayloadBytes): nothing was written.
+		writeJSON(w, http.StatusRequestEntityTooLarge, errorBody{Error: "order too large: its event would exceed the outbox payload limit"})
 	default:
 		a.logger.ErrorContext(r.Context(), "orders-service: request failed", "method", r.Method, "path", r.URL.Path, "error", err)
 		writeJSON(w, http.StatusInternalServerError, errorBody{Error: "internal error"})

@@ -58,7 +58,32 @@ func unavailable(t testing.TB, service, addr string, err error) {
 	if RequireServices() {
 		t.Fatalf("%s (TAILRACE_REQUIRE_SERVICES is set, so this fails instead of skipping)", msg)
 	}
+	recordSkip(t, service, addr)
 	t.Skipf("SKIPPING: %s (start the service or set its TAILRACE_* variable; see docs/testing.md)", msg)
+}
+
+// SkipLogEnv names the file that unavailable appends one line to per
+// skipped test ("service<TAB>address<TAB>test"), so that `make test` can end
+// with a summary: go test shows a skip message only with -v.
+const SkipLogEnv = "TAILRACE_SKIP_LOG"
+
+// recordSkip appends the skip to the file named by $TAILRACE_SKIP_LOG, if
+// set. Lines are short single writes with O_APPEND, so the test binaries
+// that go test runs in parallel do not interleave them.
+func recordSkip(t testing.TB, service, addr string) {
+	path := os.Getenv(SkipLogEnv)
+	if path == "" {
+		return
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		t.Logf("testenv: record the skip in %s: %v", path, err)
+		return
+	}
+	defer f.Close()
+	if _, err := fmt.Fprintf(f, "%s\t%s\t%s\n", service, addr, t.Name()); err != nil {
+		t.Logf("testenv: record the skip in %s: %v", path, err)
+	}
 }
 
 func env(key, def string) string {

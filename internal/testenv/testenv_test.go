@@ -2,6 +2,9 @@ package testenv
 
 import (
 	"context"
+	"errors"
+	"os"
+	"path/filepath"
 	"testing"
 )
 
@@ -51,4 +54,22 @@ func TestBrokersReachable(t *testing.T) {
 	_ = AMQPURL(t)
 	_ = NATSURL(t)
 	_ = RedisAddr(t)
+}
+
+// TestSkipLog checks that a skipped service test is recorded in
+// $TAILRACE_SKIP_LOG, which `make test` summarises at the end.
+func TestSkipLog(t *testing.T) {
+	log := filepath.Join(t.TempDir(), "skips")
+	t.Setenv(SkipLogEnv, log)
+	t.Setenv("TAILRACE_REQUIRE_SERVICES", "")
+	t.Run("absent", func(t *testing.T) {
+		unavailable(t, "PostgreSQL", "127.0.0.1:1", errors.New("connection refused"))
+	})
+	data, err := os.ReadFile(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := string(data); got != "PostgreSQL\t127.0.0.1:1\tTestSkipLog/absent\n" {
+		t.Fatalf("skip log: %q", got)
+	}
 }

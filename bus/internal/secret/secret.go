@@ -7,6 +7,7 @@ package secret
 import (
 	"errors"
 	"net/url"
+	"regexp"
 	"strings"
 )
 
@@ -18,10 +19,7 @@ const Mask = "***"
 // %-escape, a missing scheme — so it is safe to call on whatever a user
 // configured before it was validated.
 func URL(raw string) string {
-	rest, prefix := raw, ""
-	if i := strings.Index(raw, "://"); i >= 0 {
-		prefix, rest = raw[:i+3], raw[i+3:]
-	}
+	prefix, rest := splitScheme(raw)
 	end := len(rest)
 	if i := strings.IndexAny(rest, "/?#"); i >= 0 {
 		end = i
@@ -88,10 +86,7 @@ func (e *scrubbedError) Unwrap() error { return e.err }
 // Password returns the password part of raw's user info, still escaped,
 // or "".
 func Password(raw string) string {
-	rest := raw
-	if i := strings.Index(raw, "://"); i >= 0 {
-		rest = raw[i+3:]
-	}
+	_, rest := splitScheme(raw)
 	if i := strings.IndexAny(rest, "/?#"); i >= 0 {
 		rest = rest[:i]
 	}
@@ -110,10 +105,7 @@ func Password(raw string) string {
 // quote the password, even when the password itself is malformed.
 func Parse(raw string) (*url.URL, error) {
 	red := URL(raw)
-	rest := raw
-	if i := strings.Index(raw, "://"); i >= 0 {
-		rest = raw[i+3:]
-	}
+	_, rest := splitScheme(raw)
 	if i := strings.IndexAny(rest, "/?#"); i >= 0 {
 		rest = rest[:i]
 	}
@@ -141,3 +133,20 @@ func Parse(raw string) (*url.URL, error) {
 type parseError struct{ url, msg string }
 
 func (e *parseError) Error() string { return e.url + ": " + e.msg }
+
+// schemeSlashes matches a scheme followed by one or more slashes: the
+// prefix before a URL's user info, also when mistyped ("amqp:/u:p@h").
+var schemeSlashes = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9+.-]*:/+`)
+
+// splitScheme splits raw into the scheme with its slashes and the rest,
+// which starts with the user info if there is one. A string without
+// "scheme:/" has no prefix ("u:p@h" is user info, not a scheme).
+func splitScheme(raw string) (prefix, rest string) {
+	if i := strings.Index(raw, "://"); i >= 0 {
+		return raw[:i+3], raw[i+3:]
+	}
+	if m := schemeSlashes.FindString(raw); m != "" {
+		return m, raw[len(m):]
+	}
+	return "", raw
+}

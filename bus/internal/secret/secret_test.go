@@ -12,6 +12,8 @@ func TestURL(t *testing.T) {
 		{"redis://:s%zzecret@host:6379/0", "redis://:***@host:6379/0"},
 		{"nats://token@host", "nats://token@host"},
 		{"host:4222", "host:4222"},
+		{"amqp:/user:secret@host", "amqp:/user:***@host"}, // one slash: still user info
+		{"user:secret@host", "user:***@host"},
 	} {
 		if got := URL(tc.in); got != tc.want {
 			t.Errorf("URL(%q) = %q, want %q", tc.in, got, tc.want)

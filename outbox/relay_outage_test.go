@@ -1,7 +1,9 @@
 package outbox
 
 import (
+	"context"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -17,6 +19,8 @@ import (
 // Output, and delivers both within a second or so of the publisher
 // working again. A third message that fails for a reason of its own
 // (unmarked) still dead-letters after MaxAttempts once the outage is over.
+// The health check's "publisher" component and the outage gauges follow
+// the outage.
 func TestRelayQuietOutageCostsNoAttempt(t *testing.T) {
 	g := newRelayRig(t, testenv.NewSQLite(t).DB, SQLite)
 	pub := newRecPub()
@@ -37,7 +41,35 @@ func TestRelayQuietOutageCostsNoAttempt(t *testing.T) {
 	msgs := []relayMsg{{id: "a", key: "k1"}, {id: "b", key: "k2"}}
 	g.stage(t, append(msgs, relayMsg{id: "poison", key: "k3"})...)
 
+	h, err := NewHealth(g.db, HealthConfig{Dialect: g.d, Table: g.table, Relay: r, OutageUnhealthy: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mr := newMetricsRig(t)
+	m, err := NewMetrics(mr.mp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg, err := m.ObserveRelay(g.table, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = reg.Unregister() }()
+	publisher := func() HealthComponent {
+		c, ok := h.Check(context.Background()).Component("publisher")
+		if !ok {
+			t.Fatal("no publisher component")
+		}
+		return c
+	}
+	if c := publisher(); c.Status != HealthOK {
+		t.Fatalf("publisher before anything failed: %+v", c)
+	}
+
 	waitFor(t, 10*time.Second, "outage mode", func() bool { return r.Output().Down })
+	if c := publisher(); c.Status != HealthDegraded {
+		t.Fatalf("publisher at the start of the outage: %+v; want degraded", c)
+	}
 	// Without outage mode 3 attempts at 100–200 ms would dead-letter
 	// everything within half a second.
 	time.Sleep(2 * time.Second)
@@ -47,6 +79,17 @@ func TestRelayQuietOutageCostsNoAttempt(t *testing.T) {
 	}
 	if n := g.count(t, g.table+suffixDead); n != 0 {
 		t.Fatalf("%d messages dead-lettered during an outage", n)
+	}
+	c := publisher()
+	if c.Status != HealthUnhealthy || !strings.Contains(c.Message, "3 message(s) waiting") || !strings.Contains(c.Message, "not connected") {
+		t.Fatalf("publisher after 2 s of outage: %+v; want unhealthy, 3 waiting, the error", c)
+	}
+	t.Logf("health during the outage: publisher %s: %s", c.Status, c.Message)
+	if v := mr.value(t, MetricRelayOutage); v != 1 {
+		t.Fatalf("%s = %v during the outage", MetricRelayOutage, v)
+	}
+	if v := mr.value(t, MetricRelayOutageDuration); v < 1 {
+		t.Fatalf("%s = %v after 2 s of outage", MetricRelayOutageDuration, v)
 	}
 	pub.mu.Lock()
 	tries := pub.attempts["a"] + pub.attempts["b"] + pub.attempts["poison"]
@@ -86,6 +129,12 @@ func TestRelayQuietOutageCostsNoAttempt(t *testing.T) {
 	}
 	if st := r.Output(); st.Down {
 		t.Fatalf("still down after recovery: %+v", st)
+	}
+	if c := publisher(); c.Status != HealthOK {
+		t.Fatalf("publisher after recovery: %+v", c)
+	}
+	if v := mr.value(t, MetricRelayOutage); v != 0 {
+		t.Fatalf("%s = %v after recovery", MetricRelayOutage, v)
 	}
 	if l := makeLedger(msgs, ids(pub.snapshot()), keyMap(msgs), 0); !l.clean() {
 		t.Fatal(l)

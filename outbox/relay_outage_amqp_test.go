@@ -161,7 +161,7 @@ func TestRelayQuietBrokerOutage(t *testing.T) {
 	waitFor(t, 30*time.Second, "the unroutable message dead-lettered", func() bool { return o.dead(t) == 1 })
 	var attempts int
 	var lastErr string
-	if err := o.db.QueryRow(`SELECT attempts, last_error FROM ` + o.d.quote(o.table+suffixDead)).Scan(&attempts, &lastErr); err != nil {
+	if err := o.db.QueryRow(`SELECT attempts, last_error FROM `+o.d.quote(o.table+suffixDead)).Scan(&attempts, &lastErr); err != nil {
 		t.Fatal(err)
 	}
 	if attempts != 3 || !strings.Contains(lastErr, "unroutable") && !strings.Contains(lastErr, "returned") {

@@ -140,3 +140,43 @@ func TestRelayQuietOutageCostsNoAttempt(t *testing.T) {
 		t.Fatal(l)
 	}
 }
+
+// TestRelayResumeReleasesRetryDelays: a message waiting out a long retry
+// delay (it failed for an unclassified reason before the broker went away)
+// goes out as soon as an outage ends, not after its backoff.
+func TestRelayResumeReleasesRetryDelays(t *testing.T) {
+	g := newRelayRig(t, testenv.NewSQLite(t).DB, SQLite)
+	pub := newRecPub()
+	var mu sync.Mutex
+	down := false
+	pub.fail = func(id string, attempt int) error {
+		mu.Lock()
+		defer mu.Unlock()
+		switch {
+		case down:
+			return tailrace.Unavailable(errors.New("bus/test: not connected"))
+		case id == "slow" && attempt == 1:
+			return errors.New("bus/test: timeout talking to the broker")
+		}
+		return nil
+	}
+	r := g.start(t, pub, RelayConfig{InitialInterval: time.Minute, MaxInterval: time.Minute, Jitter: -1})
+	g.stage(t, relayMsg{id: "slow", key: "k1"})
+	waitFor(t, 10*time.Second, "the first failure", func() bool {
+		pub.mu.Lock()
+		defer pub.mu.Unlock()
+		return pub.attempts["slow"] == 1
+	})
+	mu.Lock()
+	down = true
+	mu.Unlock()
+	g.stage(t, relayMsg{id: "fresh", key: "k2"})
+	waitFor(t, 10*time.Second, "outage mode", func() bool { return r.Output().Down })
+	mu.Lock()
+	down = false
+	mu.Unlock()
+	back := time.Now()
+	// A minute's backoff otherwise.
+	waitFor(t, 20*time.Second, "both messages after the outage", func() bool { return pub.n() == 2 })
+	t.Logf("the message in its retry delay went %s after the outage ended", time.Since(back).Round(time.Millisecond))
+}

@@ -33,15 +33,14 @@ func TestOutageProbesAtMostASecondApartAndNeverCount(t *testing.T) {
 	v := o.failed(1, true, false, "down", now)
 	failedAt := now
 	for i := 0; i < 200; i++ { // 200 failed probes: far more than any MaxAttempts
-		ok, probe := o.mayEmit(v.WakeAt.Add(-time.Millisecond))
-		if ok {
+		if ok, _ := o.mayEmit(v.WakeAt.Add(-time.Millisecond)); ok {
 			t.Fatalf("probe %d allowed before its time", i)
 		}
 		if wait := v.WakeAt.Sub(failedAt); wait > outageProbeMax || wait <= 0 {
 			t.Fatalf("probe %d waits %s; want (0, %s]", i, wait, outageProbeMax)
 		}
 		now = v.WakeAt
-		ok, probe = o.mayEmit(now)
+		ok, probe := o.mayEmit(now)
 		if !ok || !probe {
 			t.Fatalf("probe %d not allowed at its time: ok=%v probe=%v", i, ok, probe)
 		}

@@ -649,8 +649,8 @@ func (s *subscriber) onNack(r *relayRow, cause error) {
 	} else if tailrace.IsPermanent(cause) {
 		reason = "permanent"
 	} else if !s.countFailure(r, cause) {
-		// Sent before the breaker tripped: the broker is down, not this
-		// message. Back in line without an attempt counted.
+		// A transport failure, or one during an outage: the broker is
+		// down, not this message. Back in line without an attempt counted.
 		s.mu.Lock()
 		s.unflyLocked(r)
 		p := &s.parts[r.part]

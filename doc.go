@@ -1,8 +1,10 @@
 // Package tailrace holds the few names every part of the framework shares:
 // the Kinder interface that gives a message type its stable kind, the
 // metadata keys a staged message carries from the outbox to the broker and
-// the consumer, and the Permanent error marker that retrying components
-// (the Retry behavior, the relay, consumers) honour.
+// the consumer, the Permanent error marker that retrying components (the
+// Retry behavior, the relay, consumers) honour, and the Unavailable marker
+// with which publishers tell a failure of the transport (the broker is
+// unreachable) from a failure of the message.
 //
 // The framework itself lives in the sub-packages:
 //

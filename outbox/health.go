@@ -58,7 +58,14 @@ const (
 	DefaultHealthAgeUnhealthy     = 5 * time.Minute
 	DefaultHealthStallAfter       = 2 * time.Minute
 	DefaultHealthTimeout          = 5 * time.Second
+	DefaultHealthOutageUnhealthy  = 10 * time.Second
 )
+
+// RelayOutput is what the health check and the metrics read of a relay
+// running in this process: *Relay implements it (Relay.Output).
+type RelayOutput interface {
+	Output() OutputStatus
+}
 
 // HealthConfig configures a Health check. Only Dialect is required.
 type HealthConfig struct {
@@ -101,6 +108,24 @@ type HealthConfig struct {
 	// keep it above RelayConfig.MaxInterval (a retry backoff is not a
 	// stall) and above the poll interval.
 	StallAfter time.Duration
+
+	// Relay, when set, is a relay running in this process (a *Relay): the
+	// check gains a "publisher" component that reports the relay's output
+	// as the relay sees it. It is degraded from the first publish that
+	// failed for a reason that is not the message's (tailrace.IsUnavailable:
+	// broker unreachable, connection lost, timeout, flow control; see
+	// OutputStatus), and unhealthy once such an outage has lasted
+	// OutageUnhealthy with messages waiting. It is ok again as soon as a
+	// publish gets through. A relay tries a waiting message at once, and a
+	// publisher that is not connected fails at once, so an outage with
+	// messages waiting turns the component degraded within a second or so
+	// and unhealthy within OutageUnhealthy of that (10 s by default: at
+	// most 15 s in all, unless a publish hangs up to its own timeout).
+	Relay RelayOutput
+	// OutageUnhealthy is how long an outage of the relay's output, with
+	// messages waiting, keeps the "publisher" component degraded before it
+	// turns unhealthy. Default 10 s; negative: degraded only.
+	OutageUnhealthy time.Duration
 
 	// Policy, when set, is checked with Healthy (policy.Watcher
 	// implements it): a policy file that failed to reload turns the check
@@ -152,6 +177,9 @@ func (c *HealthConfig) setDefaults() {
 	if c.Timeout == 0 {
 		c.Timeout = DefaultHealthTimeout
 	}
+	if c.OutageUnhealthy == 0 {
+		c.OutageUnhealthy = DefaultHealthOutageUnhealthy
+	}
 }
 
 // Validate reports every problem of c at once. NewHealth calls it after
@@ -195,7 +223,8 @@ type HealthReport struct {
 	Table     string       `json:"table"`
 	CheckedAt time.Time    `json:"checked_at"`
 	// Components, in a fixed order: database, pending, oldest_pending,
-	// dead_letters, relays, then relay_progress and policy when configured.
+	// dead_letters, relays, then relay_progress, publisher and policy when
+	// configured.
 	Components []HealthComponent `json:"components"`
 }
 
@@ -303,6 +332,9 @@ func (h *Health) check(ctx context.Context) HealthReport {
 	if p := h.cfg.Progress; p != nil {
 		add(h.progressComponent(p, st, err == nil))
 	}
+	if h.cfg.Relay != nil {
+		add(h.publisherComponent(h.cfg.Relay.Output()))
+	}
 	if h.cfg.Policy != nil {
 		c := HealthComponent{Name: "policy", Status: HealthOK, Message: "last reload succeeded"}
 		if perr := h.cfg.Policy.Healthy(); perr != nil {
@@ -359,6 +391,24 @@ func (h *Health) progressComponent(p *RelayProgress, st Status, known bool) Heal
 	if waiting && since >= h.cfg.StallAfter {
 		c.Status = HealthUnhealthy
 		c.Message = fmt.Sprintf("no message relayed for %s while %d are pending: the relay is stuck", since.Round(time.Second), st.Pending)
+	}
+	return c
+}
+
+// publisherComponent judges the relay's output: see HealthConfig.Relay.
+func (h *Health) publisherComponent(st OutputStatus) HealthComponent {
+	c := HealthComponent{Name: "publisher", Status: HealthOK, Observed: 0.0,
+		Message: fmt.Sprintf("publishing works; %d message(s) held by the relay", st.Waiting)}
+	if !st.Down {
+		return c
+	}
+	c.Observed = st.For.Seconds()
+	c.Status = HealthDegraded
+	c.Message = fmt.Sprintf("broker unreachable for %s, %d message(s) waiting; the relay probes with one message at a time and counts no attempt: %s",
+		st.For.Round(time.Second), st.Waiting, st.LastError)
+	if h.cfg.OutageUnhealthy > 0 && st.For >= h.cfg.OutageUnhealthy && st.Waiting > 0 {
+		c.Status = HealthUnhealthy
+		c.Message += fmt.Sprintf(" (unhealthy from %s)", h.cfg.OutageUnhealthy)
 	}
 	return c
 }

@@ -47,6 +47,16 @@ const (
 	// MetricPublishDuration (histogram, s): how long one relay publish
 	// took, envelope unwrapping and broker confirmation included.
 	MetricPublishDuration = "tailrace.outbox.relay.publish.duration"
+	// MetricRelayOutage (gauge, 1): 1 while the relay's output is in
+	// outage mode (Relay.Output), 0 otherwise. Fed by ObserveRelay.
+	MetricRelayOutage = "tailrace.outbox.relay.outage"
+	// MetricRelayOutageDuration (gauge, s): how long the current outage
+	// of the relay's output has lasted; 0 when there is none. Fed by
+	// ObserveRelay.
+	MetricRelayOutageDuration = "tailrace.outbox.relay.outage.duration"
+	// MetricRelayWaiting (gauge, {message}): messages the relay holds,
+	// claimed and not yet delivered. Fed by ObserveRelay.
+	MetricRelayWaiting = "tailrace.outbox.relay.waiting"
 )
 
 // Attribute keys of the outbox metrics.
@@ -90,6 +100,8 @@ type Metrics struct {
 	publish                                metric.Float64Histogram
 	pending, deadLetters, relays           metric.Int64ObservableGauge
 	oldest                                 metric.Float64ObservableGauge
+	outage, waiting                        metric.Int64ObservableGauge
+	outageFor                              metric.Float64ObservableGauge
 }
 
 // NewMetrics creates the outbox instruments on mp (the global
@@ -133,6 +145,15 @@ func NewMetrics(mp metric.MeterProvider) (*Metrics, error) {
 	check(err)
 	m.relays, err = m.meter.Int64ObservableGauge(MetricLiveRelays, metric.WithUnit("{relay}"),
 		metric.WithDescription("Relays whose heartbeat has not expired."))
+	check(err)
+	m.outage, err = m.meter.Int64ObservableGauge(MetricRelayOutage, metric.WithUnit("1"),
+		metric.WithDescription("1 while the relay's output is in outage mode (publishing fails for a reason that is not the messages'), else 0."))
+	check(err)
+	m.outageFor, err = m.meter.Float64ObservableGauge(MetricRelayOutageDuration, metric.WithUnit("s"),
+		metric.WithDescription("How long the current outage of the relay's output has lasted; 0 when there is none."))
+	check(err)
+	m.waiting, err = m.meter.Int64ObservableGauge(MetricRelayWaiting, metric.WithUnit("{message}"),
+		metric.WithDescription("Messages the relay holds, claimed and not yet delivered."))
 	check(err)
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("outbox: create metrics: %w", err)
@@ -216,6 +237,29 @@ func (m *Metrics) ObserveTable(db *sql.DB, d Dialect, table string) (metric.Regi
 		o.ObserveInt64(m.relays, int64(g.LiveRelays()), set)
 		return nil
 	}, m.pending, m.oldest, m.deadLetters, m.relays)
+}
+
+// ObserveRelay registers the outage gauges of a relay running in this
+// process (a *Relay) on outbox table: MetricRelayOutage,
+// MetricRelayOutageDuration and MetricRelayWaiting, read from Relay.Output
+// at each collection (no database query). Unregister the returned
+// registration when the relay is closed.
+func (m *Metrics) ObserveRelay(table string, r RelayOutput) (metric.Registration, error) {
+	if r == nil {
+		return nil, errors.New("outbox: ObserveRelay: relay is nil")
+	}
+	set := metric.WithAttributeSet(attribute.NewSet(AttrTable.String(table)))
+	return m.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		st := r.Output()
+		down := int64(0)
+		if st.Down {
+			down = 1
+		}
+		o.ObserveInt64(m.outage, down, set)
+		o.ObserveFloat64(m.outageFor, st.For.Seconds(), set)
+		o.ObserveInt64(m.waiting, int64(st.Waiting), set)
+		return nil
+	}, m.outage, m.outageFor, m.waiting)
 }
 
 // gauges is Status without the relayed count, the lease list and the

@@ -299,6 +299,14 @@ func NewRelay(db *sql.DB, publisher message.Publisher, logger *slog.Logger, cfg 
 // Owner is the name this relay holds leases under.
 func (r *Relay) Owner() string { return r.cfg.Owner }
 
+// Output reports the state of the relay's output as the relay sees it:
+// whether it is in outage mode (publishing fails for a reason that is not
+// the messages'), since when, the latest failure, and how many messages
+// the relay holds waiting. HealthConfig.Relay turns it into the health
+// check's "publisher" component and Metrics.ObserveRelay into gauges.
+// Safe to call at any time, from any goroutine.
+func (r *Relay) Output() OutputStatus { return r.sub.output() }
+
 // Run relays until Close is called or ctx is cancelled, then shuts down as
 // Close does. It returns an error when the relay cannot start or must stop
 // (another live relay on the table uses a different partition count; the

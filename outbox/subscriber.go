@@ -69,18 +69,11 @@ type subscriber struct {
 	unflushed int
 	fatal     error
 
-	// Outage breaker: when outageThreshold different messages failed in a
-	// row (no success between them), the broker is taken to be down:
-	// emission pauses, then one probe message at a time goes out, with
-	// backoff, until one succeeds. Only the probes' failures count as
-	// attempts, so an outage costs a message at most a few attempts
-	// instead of dead-lettering everything in flight.
-	failing     map[int64]struct{}
-	outage      bool
-	probing     bool
-	outageUntil time.Time
-	outageBO    *backoff.ExponentialBackOff
-	drainedCh   chan struct{} // closed by whoever sees inflight reach 0 while closing
+	// outage decides when the relay's output is down (outage.go): then
+	// emission pauses and one probe message at a time goes out until one
+	// gets through.
+	outage    outage
+	drainedCh chan struct{} // closed by whoever sees inflight reach 0 while closing
 
 	out       chan *message.Message
 	emitWake  chan struct{}
@@ -118,12 +111,6 @@ type relayRow struct {
 	gone     bool      // no longer in memory (done, dropped); late timers ignore it
 }
 
-// outageThreshold is how many different messages must fail in a row, with
-// no success between them, before the relay takes the broker to be down.
-// One poison message fails alone (its key holds the rest of its key back),
-// so it never trips the breaker.
-const outageThreshold = 8
-
 type partitionState struct {
 	owned      bool
 	draining   bool      // being released: no claims, waiting for in-flight
@@ -158,10 +145,8 @@ func newSubscriber(db *sql.DB, logger *slog.Logger, cfg RelayConfig) *subscriber
 		stopLease: make(chan struct{}),
 		abandon:   make(chan struct{}),
 		drainedCh: make(chan struct{}),
-		failing:   make(map[int64]struct{}),
 		keyCap:    max(1, cfg.MaxPending/8),
 		full:      make(map[string]struct{}),
-		outageBO:  newDBBackoff(),
 	}
 }
 
@@ -438,9 +423,12 @@ func (s *subscriber) addClaimed(rows []claimedRow) {
 // makeReadyLocked queues r for emission, after its retry delay if any.
 func (s *subscriber) makeReadyLocked(r *relayRow) {
 	if d := time.Until(r.nextAt); d > 0 {
+		at := r.nextAt
 		time.AfterFunc(d, func() {
 			s.mu.Lock()
-			if !r.gone && !s.closing {
+			// A changed nextAt: released early (resumeLocked) or failed
+			// again; that made it ready or set a timer of its own.
+			if !r.gone && !s.closing && r.nextAt.Equal(at) {
 				s.ready = append(s.ready, r)
 			}
 			s.mu.Unlock()
@@ -510,7 +498,8 @@ func (s *subscriber) emitLoop() {
 
 // nextLocked pops the next row to emit and marks it in flight.
 func (s *subscriber) nextLocked(now time.Time) *relayRow {
-	if s.outage && (s.probing || now.Before(s.outageUntil)) {
+	ok, probe := s.outage.mayEmit(now)
+	if !ok {
 		return nil
 	}
 	for len(s.ready) > 0 && s.inflight < s.cfg.MaxInFlight && s.unflushed < s.maxUnflushed() && !s.closing {
@@ -532,8 +521,9 @@ func (s *subscriber) nextLocked(now time.Time) *relayRow {
 		r.sentAt = now
 		s.inflight++
 		p.inFlight++
-		if s.outage {
-			r.probe, s.probing = true, true
+		if probe {
+			r.probe = true
+			s.outage.probeSent()
 		}
 		return r
 	}
@@ -548,7 +538,8 @@ func (s *subscriber) unflyLocked(r *relayRow) {
 	s.inflight--
 	s.parts[r.part].inFlight--
 	if r.probe {
-		r.probe, s.probing = false, false
+		r.probe = false
+		s.outage.probeReturned()
 	}
 	if s.closing && s.inflight == 0 {
 		s.closeDrainedLocked()
@@ -593,11 +584,11 @@ func (s *subscriber) await(r *relayRow, msg *message.Message, h *errHolder) {
 
 func (s *subscriber) onAck(r *relayRow) {
 	s.mu.Lock()
-	if s.outage {
-		s.outage = false
+	r.probe = false // not an unsent probe: unflyLocked must not touch the outage
+	if s.outage.succeeded() {
 		s.log.Warn("outbox relay: publishing works again; resuming")
+		s.resumeLocked()
 	}
-	clear(s.failing)
 	s.acks = append(s.acks, r.id)
 	s.unflushed++
 	s.finishLocked(r)
@@ -657,9 +648,9 @@ func (s *subscriber) onNack(r *relayRow, cause error) {
 		cause, reason = fmt.Errorf("outbox: the forwarder envelope cannot be unwrapped: %w", err), "unwrappable"
 	} else if tailrace.IsPermanent(cause) {
 		reason = "permanent"
-	} else if !s.countFailure(r) {
-		// Sent before the breaker tripped: the broker is down, not this
-		// message. Back in line without an attempt counted.
+	} else if !s.countFailure(r, cause) {
+		// A transport failure, or one during an outage: the broker is
+		// down, not this message. Back in line without an attempt counted.
 		s.mu.Lock()
 		s.unflyLocked(r)
 		p := &s.parts[r.part]
@@ -700,34 +691,54 @@ func (s *subscriber) onNack(r *relayRow, cause error) {
 	wake(s.emitWake)
 }
 
-// countFailure feeds the outage breaker with a transient failure of r and
-// reports whether it counts as an attempt of r.
-func (s *subscriber) countFailure(r *relayRow) bool {
+// countFailure feeds the outage state (outage.go) with a transient
+// failure of r and reports whether it counts as an attempt of r.
+func (s *subscriber) countFailure(r *relayRow, cause error) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.outage {
-		if !r.probe {
-			return false
-		}
-		s.pauseLocked()
-		return true
+	now := time.Now()
+	v := s.outage.failed(r.id, tailrace.IsUnavailable(cause), r.probe, truncate(cause.Error(), 500), now)
+	r.probe = false // settled: unflyLocked must not touch the outage
+	if !v.WakeAt.IsZero() {
+		time.AfterFunc(v.WakeAt.Sub(now), func() { wake(s.emitWake) })
 	}
-	s.failing[r.id] = struct{}{}
-	if len(s.failing) >= outageThreshold {
-		s.outage = true
-		s.outageBO.Reset()
-		s.pauseLocked()
-		s.log.Warn("outbox relay: every publish fails; the broker looks down: pausing, then probing with one message at a time",
-			"failed_messages", len(s.failing))
+	switch {
+	case v.Entered:
+		s.log.Warn("outbox relay: publishing fails for a reason that is not the message's; outage mode: pausing, then probing with one message at a time",
+			"err", cause, "pending", s.pending)
+	case v.Resumed:
+		s.log.Warn("outbox relay: the broker answered again; resuming")
+		s.resumeLocked()
 	}
-	return true
+	return v.Count
 }
 
-// pauseLocked holds emission back for the breaker's next backoff.
-func (s *subscriber) pauseLocked() {
-	d := s.outageBO.NextBackOff()
-	s.outageUntil = time.Now().Add(d)
-	time.AfterFunc(d, func() { wake(s.emitWake) })
+// resumeLocked ends the wait of every message held back by a retry delay,
+// when an outage ended: they go out now, not after their backoff.
+func (s *subscriber) resumeLocked() {
+	now := time.Now()
+	for _, r := range s.rows {
+		if r.inflight || r.gone || !r.nextAt.After(now) {
+			continue
+		}
+		if r.key != "" {
+			if q := s.keys[r.key]; len(q) == 0 || q[0] != r {
+				continue // not yet the head of its key: not waiting
+			}
+		}
+		r.nextAt = time.Time{} // its timer sees the change and does nothing
+		s.ready = append(s.ready, r)
+	}
+	wake(s.emitWake)
+}
+
+// output reports the state of the relay's output.
+func (s *subscriber) output() OutputStatus {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.outage.status(time.Now())
+	st.Waiting = s.pending
+	return st
 }
 
 // dropKeyLocked forgets r and everything queued behind it (its partition

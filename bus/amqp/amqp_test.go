@@ -17,6 +17,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/pubsub/tests"
 	amqp091 "github.com/rabbitmq/amqp091-go"
 
+	"github.com/tailrace/tailrace"
 	busamqp "github.com/tailrace/tailrace/bus/amqp"
 	"github.com/tailrace/tailrace/internal/testenv"
 )
@@ -357,6 +358,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 		cfg := b.config("q")
 		cfg.URL = raw
 		cfg.DialTimeout = 2 * time.Second
+		cfg.FailFast = true
 		_, err := busamqp.NewPublisher(cfg, logger)
 		if err == nil {
 			t.Fatalf("NewPublisher(%s) succeeded", busamqp.RedactURL(raw))
@@ -365,11 +367,21 @@ func TestSecretsNeverLeak(t *testing.T) {
 		_, err = busamqp.NewSubscriber(cfg, logger)
 		record(err)
 	}
+	// Without FailFast an unreachable broker gives a publisher that logs
+	// its connection attempts and fails Publish.
+	cfg := b.config("q")
+	cfg.URL = "amqp://guest:" + strings.ReplaceAll(secret, "%", "") + "@127.0.0.1:1/"
+	cfg.ReconnectInitial = 20 * time.Millisecond
+	cfg.ReconnectMax = 50 * time.Millisecond
+	down := newPublisher(t, cfg, logger)
+	time.Sleep(150 * time.Millisecond)
+	record(down.Publish("t", message.NewMessage(watermill.NewUUID(), nil)))
+	record(down.Close())
 
 	// A working publisher whose connection drops, through a proxy that
 	// carries the password in the URL it is given.
 	px := newProxy(t, host)
-	cfg := b.config("q")
+	cfg = b.config("q")
 	cfg.URL = strings.Replace(b.url, host, px.addr(), 1)
 	cfg.ReconnectInitial = 20 * time.Millisecond
 	cfg.ReconnectMax = 100 * time.Millisecond
@@ -570,4 +582,60 @@ func hostOf(raw string) string {
 		rest = rest[:i]
 	}
 	return rest[strings.LastIndex(rest, "@")+1:]
+}
+
+// A publisher built while the broker is unreachable (a proxy that refuses
+// connections; the shared broker keeps running): construction succeeds,
+// Publish fails fast with ErrNotConnected marked tailrace.Unavailable, and
+// the first Publish after the broker is reachable again succeeds within
+// ReconnectMax or so. FailFast keeps the old error at construction. An
+// unroutable message is the message's failure, not the transport's.
+func TestPublisherStartsWhileBrokerDown(t *testing.T) {
+	b := setup(t)
+	host := hostOf(b.url)
+	px := newProxy(t, host)
+	px.pause()
+	cfg := b.config("q")
+	cfg.URL = strings.Replace(b.url, host, px.addr(), 1)
+	cfg.DialTimeout = 2 * time.Second
+
+	ff := cfg
+	ff.FailFast = true
+	if p, err := busamqp.NewPublisher(ff, nil); err == nil {
+		_ = p.Close()
+		t.Fatal("FailFast: NewPublisher succeeded with the broker unreachable")
+	} else if !tailrace.IsUnavailable(fmt.Errorf("x: %w", err)) && !strings.Contains(err.Error(), "connect") {
+		t.Fatalf("FailFast: unexpected error %v", err)
+	}
+
+	logs := &syncBuffer{}
+	p := newPublisher(t, cfg, watermill.NewStdLoggerWithOut(logs, false, false))
+	if p.Connected() {
+		t.Fatal("connected through a paused proxy")
+	}
+	err := p.Publish("t", message.NewMessage(watermill.NewUUID(), nil))
+	if !errors.Is(err, busamqp.ErrNotConnected) || !tailrace.IsUnavailable(err) {
+		t.Fatalf("Publish while down: %v (unavailable %v); want ErrNotConnected, unavailable", err, tailrace.IsUnavailable(err))
+	}
+	px.resume()
+	restored := time.Now()
+	// No queue is bound to topic "t": once connected, the broker returns
+	// the message, which is the message's failure, not the transport's.
+	for {
+		err = p.Publish("t", message.NewMessage(watermill.NewUUID(), nil))
+		if !tailrace.IsUnavailable(err) {
+			break
+		}
+		if time.Since(restored) > 15*time.Second {
+			t.Fatalf("Publish 15 s after the broker became reachable: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("the broker answered a Publish %s after it became reachable (ReconnectMax %s)", time.Since(restored).Round(time.Millisecond), busamqp.DefaultReconnectMax)
+	if !p.Connected() {
+		t.Fatal("Connected() is false after a successful Publish")
+	}
+	if !errors.Is(err, busamqp.ErrUnroutable) || tailrace.IsUnavailable(err) {
+		t.Fatalf("unroutable: %v (unavailable %v); want ErrUnroutable, not unavailable", err, tailrace.IsUnavailable(err))
+	}
 }

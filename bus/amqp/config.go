@@ -18,7 +18,7 @@ const (
 	DefaultPublishTimeout   = 30 * time.Second
 	DefaultMaxInFlight      = 256
 	DefaultReconnectInitial = 200 * time.Millisecond
-	DefaultReconnectMax     = 15 * time.Second
+	DefaultReconnectMax     = 2 * time.Second
 	DefaultPrefetch         = 64
 )
 
@@ -126,10 +126,22 @@ type Config struct {
 	// the connection; further publishes wait for a slot. Default 256.
 	MaxInFlight int
 	// ReconnectInitial is the first wait before reconnecting after the
-	// connection is lost; it doubles (with jitter) up to ReconnectMax.
-	// Defaults 200ms and 15s.
+	// connection is lost (or could not be made at start); it doubles (with
+	// jitter, each wait drawn from [d/2, d]) up to ReconnectMax. Defaults
+	// 200ms and 2s: a broker that is back is reconnected to within
+	// ReconnectMax (plus the dial), so the outbox relay's next probe, at
+	// most 1 s later, finds it. A larger ReconnectMax delays the resumption
+	// after an outage by as much.
 	ReconnectInitial time.Duration
 	ReconnectMax     time.Duration
+	// FailFast makes NewPublisher return an error when the broker cannot be
+	// reached at construction. Default false: the Publisher is returned and
+	// connects in the background, Publish failing with ErrNotConnected
+	// (marked tailrace.Unavailable) until it does, so that a service and
+	// its outbox relay can start while the broker is down. An invalid URL,
+	// bad credentials or a refused topology fail NewPublisher either way.
+	// The Subscriber ignores it.
+	FailFast bool
 
 	// Prefetch is the subscriber's QoS prefetch count: deliveries sent to a
 	// subscription before it acknowledges. Default 64.

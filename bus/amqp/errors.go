@@ -3,10 +3,17 @@ package amqp
 import (
 	"errors"
 	"fmt"
+
+	amqp091 "github.com/rabbitmq/amqp091-go"
+
+	"github.com/tailrace/tailrace/bus/internal/transport"
 )
 
 // Errors returned by Publish. Match them with errors.Is; all but ErrClosed
-// and ErrUndeclaredTopic are worth retrying (the relay does).
+// and ErrUndeclaredTopic are worth retrying (the relay does). ErrNotConnected,
+// ErrConnectionLost, ErrBlocked, ErrPublishTimeout and ErrClosed are failures
+// of the transport, not of the message: Publish returns them marked with
+// tailrace.Unavailable (tailrace.IsUnavailable reports true).
 var (
 	// ErrUnroutable: the broker returned the message because no queue is
 	// bound to receive it (basic.return with mandatory set). The concrete
@@ -49,3 +56,28 @@ func (e *ReturnedError) Error() string {
 
 // Is makes a ReturnedError match ErrUnroutable.
 func (e *ReturnedError) Is(target error) bool { return target == ErrUnroutable }
+
+// transportFailure reports whether err is a failure of the connection to
+// the broker rather than of the message: the publisher's own transport
+// errors, a connection-level AMQP error (connection forced, frame, channel
+// or resource errors, internal error), a closed connection or channel, or
+// a network error. Channel-level refusals (content too large, no route,
+// access refused, not found, precondition failed, resource locked) are
+// about the message or its destination.
+func transportFailure(err error) bool {
+	for _, target := range []error{ErrNotConnected, ErrConnectionLost, ErrBlocked, ErrPublishTimeout, ErrClosed, amqp091.ErrClosed} {
+		if errors.Is(err, target) {
+			return true
+		}
+	}
+	var ae *amqp091.Error
+	if errors.As(err, &ae) {
+		switch ae.Code {
+		case amqp091.ContentTooLarge, amqp091.NoRoute, amqp091.NoConsumers, amqp091.AccessRefused,
+			amqp091.NotFound, amqp091.ResourceLocked, amqp091.PreconditionFailed, amqp091.InvalidPath:
+			return false
+		}
+		return true
+	}
+	return transport.Network(err)
+}

@@ -13,6 +13,8 @@ import (
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 	amqp091 "github.com/rabbitmq/amqp091-go"
+
+	"github.com/tailrace/tailrace/bus/internal/transport"
 )
 
 // Publisher publishes Watermill messages to RabbitMQ with publisher confirms
@@ -34,9 +36,19 @@ import (
 // Order: the messages of one Publish call reach the exchange in order, and so
 // do the calls of one goroutine. Concurrent calls interleave.
 //
-// The connection is re-established after it drops (bounded exponential
-// backoff with jitter, each attempt logged). While it is down Publish fails
-// fast with ErrNotConnected; the caller (the relay) retries.
+// The connection is re-established after it drops (exponential backoff
+// with jitter from Config.ReconnectInitial, at most Config.ReconnectMax —
+// 2 s by default — between attempts, each attempt logged). While it is down
+// Publish fails fast with ErrNotConnected; the caller (the relay) retries.
+// A broker that cannot be reached when the Publisher is built does not stop
+// it being built (unless Config.FailFast): it connects in the background.
+//
+// Errors of the transport (ErrNotConnected, ErrConnectionLost, ErrBlocked,
+// ErrPublishTimeout, ErrClosed, connection-level AMQP errors, network
+// errors) are marked with tailrace.Unavailable: the outbox relay takes them
+// for an outage and counts no attempt against the message. Errors about
+// the message (ErrUnroutable, ErrNacked, a marshaling error, a channel
+// error such as an exchange the broker refuses) are not.
 //
 // A Publisher is safe for concurrent use.
 type Publisher struct {
@@ -57,9 +69,13 @@ type Publisher struct {
 var _ message.Publisher = (*Publisher)(nil)
 
 // NewPublisher validates cfg, connects to the broker and declares
-// Topology.Topics. The first connection is made here, so a wrong URL, bad
-// credentials or an unreachable broker are reported at once (with the
-// password redacted); later outages are handled by reconnecting. A nil logger
+// Topology.Topics. The first connection is tried here, so an invalid URL,
+// bad credentials, an unknown vhost or a topology the broker refuses are
+// reported at once (with the password redacted). A broker that cannot be
+// reached (refused, unresolvable, timed out) is not an error: the Publisher
+// is returned, logs the failure, and connects in the background, Publish
+// failing with ErrNotConnected meanwhile; set Config.FailFast to get the
+// error instead. Later outages are handled by reconnecting. A nil logger
 // logs nothing.
 func NewPublisher(cfg Config, logger watermill.LoggerAdapter) (*Publisher, error) {
 	cfg.setDefaults()
@@ -83,12 +99,26 @@ func NewPublisher(cfg Config, logger watermill.LoggerAdapter) (*Publisher, error
 	}
 	s, err := p.connect()
 	if err != nil {
-		return nil, fmt.Errorf("bus/amqp: connect to %s: %w", p.url, err)
+		err = fmt.Errorf("bus/amqp: connect to %s: %w", p.url, err)
+		if cfg.FailFast || !transportFailure(err) {
+			return nil, err
+		}
+		p.logger.Error("Broker unreachable; connecting in the background", err, nil)
+		go p.supervise(nil)
+		return p, nil
 	}
 	p.sess = s
 	go p.supervise(s)
 	p.logger.Info("Connected", nil)
 	return p, nil
+}
+
+// Connected reports whether the publisher holds a live connection now.
+func (p *Publisher) Connected() bool {
+	p.mu.RLock()
+	s := p.sess
+	p.mu.RUnlock()
+	return s != nil && s.dead() == nil
 }
 
 // flight is one message sent and not yet settled.
@@ -352,19 +382,22 @@ func (s *session) declare(topic string) error {
 	return nil
 }
 
-// supervise waits for the session to die and reconnects, until Close.
+// supervise waits for the session to die and reconnects, until Close. A
+// nil s (the first connection failed) starts with reconnecting.
 func (p *Publisher) supervise(s *session) {
 	defer close(p.done)
 	for {
-		select {
-		case <-p.closing:
-			return
-		case <-s.done:
+		if s != nil {
+			select {
+			case <-p.closing:
+				return
+			case <-s.done:
+			}
+			p.logger.Error("Connection lost, reconnecting", s.dead(), nil)
+			p.mu.Lock()
+			p.sess = nil
+			p.mu.Unlock()
 		}
-		p.logger.Error("Connection lost, reconnecting", s.dead(), nil)
-		p.mu.Lock()
-		p.sess = nil
-		p.mu.Unlock()
 
 		delay := p.cfg.ReconnectInitial
 		for attempt := 1; ; attempt++ {
@@ -397,9 +430,14 @@ func (p *Publisher) supervise(s *session) {
 
 // Publish sends messages to topic's exchange and returns once the broker has
 // confirmed and routed every one of them, or at the first failure (see the
-// type's doc for the errors). It gives up after Config.PublishTimeout, or
-// when a message's context is done.
+// type's doc for the errors; failures of the transport are marked with
+// tailrace.Unavailable). It gives up after Config.PublishTimeout, or when a
+// message's context is done.
 func (p *Publisher) Publish(topic string, messages ...*message.Message) error {
+	return transport.Mark(p.publish(topic, messages...), transportFailure)
+}
+
+func (p *Publisher) publish(topic string, messages ...*message.Message) error {
 	p.mu.RLock()
 	if p.closed {
 		p.mu.RUnlock()

@@ -23,8 +23,17 @@
 //     subscriber. Subscribe's channel is closed exactly once, after the last
 //     send on it, and Close returns only once every such channel is closed.
 //   - The client reconnects by itself (Config.ReconnectWait, forever by
-//     default); a Publish during an outage fails after the JetStream
-//     request timeout.
+//     default). A Publish while the connection is down fails at once with
+//     ErrNotConnected; one cut off mid-way fails after the JetStream request
+//     timeout. A Publisher can be built while the server is unreachable:
+//     it connects in the background (Config.FailFast turns that off).
+//   - Failures of the transport (ErrNotConnected, a closed, draining or
+//     reconnecting connection, a timeout, no servers, JetStream
+//     temporarily unavailable, network errors) are marked with
+//     tailrace.Unavailable: the outbox relay takes them for an outage and
+//     counts no attempt against the message. A subject no stream captures,
+//     a payload over the server's limit and other refusals are the
+//     message's failures.
 //
 // Consumer groups are durable: the group's consumer, named
 // ConsumerName(group, topic) on the topic's stream, is created with the
@@ -73,6 +82,7 @@ import (
 	nc "github.com/nats-io/nats.go"
 
 	"github.com/tailrace/tailrace/bus/internal/secret"
+	"github.com/tailrace/tailrace/bus/internal/transport"
 )
 
 // Defaults for Config fields left at their zero value.
@@ -100,6 +110,12 @@ type Config struct {
 	ReconnectWait time.Duration
 	// PublishTimeout bounds the wait for each message's PubAck. Default 10s.
 	PublishTimeout time.Duration
+	// FailFast makes NewPublisher return an error when no server can be
+	// reached at construction. Default false: the Publisher is returned and
+	// connects in the background (nats.go's RetryOnFailedConnect), Publish
+	// failing with ErrNotConnected until it does. The Subscriber always
+	// needs a server at construction.
+	FailFast bool
 	// Options are extra nats.go connection options (TLS, credentials
 	// files, …), applied after the ones derived from this Config.
 	Options []nc.Option
@@ -281,8 +297,9 @@ func (p *provisioner) ensure(topic string) error {
 }
 
 // open validates cfg (defaults applied), names the logger's component and
-// connects: what NewPublisher and NewSubscriber share.
-func open(cfg *Config, logger watermill.LoggerAdapter, component string) (*nc.Conn, secret.Scrubber, watermill.LoggerAdapter, error) {
+// connects: what NewPublisher and NewSubscriber share. With background, a
+// server that cannot be reached yet is connected to in the background.
+func open(cfg *Config, logger watermill.LoggerAdapter, component string, background bool) (*nc.Conn, secret.Scrubber, watermill.LoggerAdapter, error) {
 	cfg.setDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, secret.Scrubber{}, nil, err
@@ -291,15 +308,21 @@ func open(cfg *Config, logger watermill.LoggerAdapter, component string) (*nc.Co
 		logger = watermill.NopLogger{}
 	}
 	logger = logger.With(watermill.LogFields{"component": component})
-	conn, scrub, err := connect(cfg, logger)
+	conn, scrub, err := connect(cfg, logger, background)
 	return conn, scrub, logger, err
 }
 
 // connect opens a connection with the config's options.
-func connect(cfg *Config, logger watermill.LoggerAdapter) (*nc.Conn, secret.Scrubber, error) {
+func connect(cfg *Config, logger watermill.LoggerAdapter, background bool) (*nc.Conn, secret.Scrubber, error) {
 	scrub := secret.NewScrubber(cfg.URL)
 	red := secret.URL(cfg.URL)
-	conn, err := nc.Connect(cfg.URL, cfg.natsOptions(logger, red)...)
+	opts := cfg.natsOptions(logger, red)
+	if background {
+		opts = append([]nc.Option{nc.RetryOnFailedConnect(true), nc.ConnectHandler(func(*nc.Conn) {
+			logger.Info("Connected", watermill.LogFields{"url": red})
+		})}, opts...)
+	}
+	conn, err := nc.Connect(cfg.URL, opts...)
 	if err != nil {
 		return nil, scrub, fmt.Errorf("bus/nats: connect to %s: %w", red, scrub.Error(err))
 	}
@@ -312,13 +335,16 @@ type Publisher struct {
 	conn  *nc.Conn
 	prov  *provisioner
 	scrub secret.Scrubber
+	url   string // redacted
 }
 
 var _ message.Publisher = (*Publisher)(nil)
 
-// NewPublisher validates cfg and connects. A nil logger logs nothing.
+// NewPublisher validates cfg and connects; a server that cannot be reached
+// yet is connected to in the background unless cfg.FailFast. A nil logger
+// logs nothing.
 func NewPublisher(cfg Config, logger watermill.LoggerAdapter) (*Publisher, error) {
-	conn, scrub, logger, err := open(&cfg, logger, "bus/nats.Publisher")
+	conn, scrub, logger, err := open(&cfg, logger, "bus/nats.Publisher", !cfg.FailFast)
 	if err != nil {
 		return nil, err
 	}
@@ -337,12 +363,31 @@ func NewPublisher(cfg Config, logger watermill.LoggerAdapter) (*Publisher, error
 		conn.Close()
 		return nil, fmt.Errorf("bus/nats: %w", scrub.Error(err))
 	}
-	return &Publisher{pub: pub, conn: conn, prov: &provisioner{js: jsm, off: cfg.NoProvision}, scrub: scrub}, nil
+	if !conn.IsConnected() {
+		logger.Error("Server unreachable; connecting in the background", nil, watermill.LogFields{"url": secret.URL(cfg.URL)})
+	}
+	return &Publisher{pub: pub, conn: conn, prov: &provisioner{js: jsm, off: cfg.NoProvision}, scrub: scrub, url: secret.URL(cfg.URL)}, nil
 }
 
+// ErrNotConnected: the publisher's connection is down (not yet made, or
+// reconnecting); nothing was sent. Publish returns it marked with
+// tailrace.Unavailable.
+var ErrNotConnected = errors.New("bus/nats: not connected")
+
 // Publish stores messages in topic's stream, one PubAck at a time, and
-// returns at the first failure.
+// returns at the first failure. Failures of the transport are marked with
+// tailrace.Unavailable.
 func (p *Publisher) Publish(topic string, messages ...*message.Message) error {
+	return transport.Mark(p.publish(topic, messages...), transportFailure)
+}
+
+func (p *Publisher) publish(topic string, messages ...*message.Message) error {
+	if !p.conn.IsConnected() {
+		if p.conn.IsClosed() {
+			return fmt.Errorf("%w to %s: %w", ErrNotConnected, p.url, nc.ErrConnectionClosed)
+		}
+		return fmt.Errorf("%w to %s", ErrNotConnected, p.url)
+	}
 	if err := p.prov.ensure(topic); err != nil {
 		return p.scrub.Error(err)
 	}
@@ -350,6 +395,25 @@ func (p *Publisher) Publish(topic string, messages ...*message.Message) error {
 		return fmt.Errorf("bus/nats: publish to %q: %w", topic, p.scrub.Error(err))
 	}
 	return nil
+}
+
+// Connected reports whether the publisher's connection is up now.
+func (p *Publisher) Connected() bool { return p.conn.IsConnected() }
+
+// transportFailure reports whether err is a failure of the connection to
+// NATS rather than of the message.
+func transportFailure(err error) bool {
+	for _, target := range []error{ErrNotConnected, nc.ErrConnectionClosed, nc.ErrConnectionDraining,
+		nc.ErrConnectionReconnecting, nc.ErrTimeout, nc.ErrNoServers, nc.ErrReconnectBufExceeded,
+		nc.ErrStaleConnection, nc.ErrDisconnected} {
+		if errors.Is(err, target) {
+			return true
+		}
+	}
+	// JetStream answering 503: temporarily unavailable (no leader yet, a
+	// server starting up).
+	var api *nc.APIError
+	return errors.As(err, &api) && api.Code == 503
 }
 
 // Close closes the connection.

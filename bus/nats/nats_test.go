@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	neturl "net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -15,6 +18,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/pubsub/tests"
 	nc "github.com/nats-io/nats.go"
 
+	"github.com/tailrace/tailrace"
 	busnats "github.com/tailrace/tailrace/bus/nats"
 	"github.com/tailrace/tailrace/internal/testenv"
 )
@@ -90,7 +94,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 		"nats://user:" + pw + "@127.0.0.1:4222",
 		"nats://user:" + strings.ReplaceAll(pw, "%", "") + "@127.0.0.1:1",
 	} {
-		_, err := busnats.NewPublisher(busnats.Config{URL: url, ConnectTimeout: time.Second}, nil)
+		_, err := busnats.NewPublisher(busnats.Config{URL: url, ConnectTimeout: time.Second, FailFast: true}, nil)
 		if err == nil {
 			t.Fatalf("connected to %s", url)
 		}
@@ -354,5 +358,93 @@ func TestCloseWhileDelivering(t *testing.T) {
 				t.Fatalf("round %d: channel %d not closed when Close returned", round, i)
 			}
 		}
+	}
+}
+
+// A publisher built while no server can be reached (a port nothing listens
+// on yet): construction succeeds, Publish fails at once with
+// ErrNotConnected marked tailrace.Unavailable; once a proxy to the real
+// server listens on that port, the publisher connects by itself and
+// Publish succeeds. FailFast keeps the error at construction.
+func TestPublisherStartsWhileServerDown(t *testing.T) {
+	prefix := testenv.UniqueName("tr")
+	url := setup(t, prefix)
+	u, err := neturl.Parse(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close() // nothing listens there now
+	down := "nats://" + addr
+	cfg := busnats.Config{URL: down, ConnectTimeout: time.Second, ReconnectWait: 100 * time.Millisecond, PublishTimeout: 2 * time.Second}
+
+	ff := cfg
+	ff.FailFast = true
+	if p, err := busnats.NewPublisher(ff, nil); err == nil {
+		_ = p.Close()
+		t.Fatal("FailFast: NewPublisher succeeded with no server")
+	}
+	pub, err := busnats.NewPublisher(cfg, nil)
+	if err != nil {
+		t.Fatalf("NewPublisher with the server down: %v", err)
+	}
+	defer pub.Close()
+	topic := prefix + ".down"
+	err = pub.Publish(topic, message.NewMessage(watermill.NewUUID(), nil))
+	if !errors.Is(err, busnats.ErrNotConnected) || !tailrace.IsUnavailable(err) {
+		t.Fatalf("Publish while down: %v; want ErrNotConnected, unavailable", err)
+	}
+
+	ln, err = net.Listen("tcp", addr)
+	if err != nil {
+		t.Skipf("cannot listen on %s again: %v", addr, err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s, err := net.Dial("tcp", u.Host)
+			if err != nil {
+				_ = c.Close()
+				continue
+			}
+			go func() { _, _ = io.Copy(s, c); _ = s.Close() }()
+			go func() { _, _ = io.Copy(c, s); _ = c.Close() }()
+		}
+	}()
+	up := time.Now()
+	for {
+		err = pub.Publish(topic, message.NewMessage(watermill.NewUUID(), nil))
+		if err == nil {
+			break
+		}
+		if !tailrace.IsUnavailable(err) || time.Since(up) > 15*time.Second {
+			t.Fatalf("Publish after the server became reachable: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("published %s after the server became reachable", time.Since(up).Round(time.Millisecond))
+}
+
+// A subject no stream captures is the message's failure, not the
+// transport's.
+func TestNoStreamIsNotUnavailable(t *testing.T) {
+	prefix := testenv.UniqueName("tr")
+	url := setup(t, prefix)
+	pub, err := busnats.NewPublisher(busnats.Config{URL: url, NoProvision: true, PublishTimeout: 2 * time.Second}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	err = pub.Publish(prefix+".nostream", message.NewMessage(watermill.NewUUID(), nil))
+	if err == nil || tailrace.IsUnavailable(err) {
+		t.Fatalf("Publish to a subject no stream captures: %v (unavailable %v); want a failure of the message", err, tailrace.IsUnavailable(err))
 	}
 }

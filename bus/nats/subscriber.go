@@ -79,7 +79,7 @@ var (
 
 // NewSubscriber validates cfg and connects. A nil logger logs nothing.
 func NewSubscriber(cfg Config, logger watermill.LoggerAdapter) (*Subscriber, error) {
-	conn, scrub, logger, err := open(&cfg, logger, "bus/nats.Subscriber")
+	conn, scrub, logger, err := open(&cfg, logger, "bus/nats.Subscriber", false)
 	if err != nil {
 		return nil, err
 	}

@@ -18,7 +18,14 @@
 //     consumer. Without a group every subscriber receives the entries
 //     appended after it subscribed (fan-out).
 //   - go-redis reconnects by itself; a Publish during an outage fails with
-//     the client's error (dial or read timeout) instead of hanging.
+//     the client's error (dial or read timeout) instead of hanging. A
+//     Publisher can be built while the server is unreachable: the client
+//     dials on use (Config.FailFast turns that off).
+//   - Failures of the transport (dial, read or write errors and timeouts, a
+//     closed client, a server LOADING, READONLY, MASTERDOWN, TRYAGAIN,
+//     CLUSTERDOWN or BUSY) are marked with tailrace.Unavailable: the outbox
+//     relay takes them for an outage and counts no attempt against the
+//     message. Other server errors (OOM, WRONGTYPE, …) are the message's.
 //
 // Credentials in the URL never appear in a log line or a returned error.
 package redisstream
@@ -27,6 +34,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -36,6 +44,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/tailrace/tailrace/bus/internal/secret"
+	"github.com/tailrace/tailrace/bus/internal/transport"
 )
 
 // Defaults for Config fields left at their zero value.
@@ -54,6 +63,14 @@ type Config struct {
 	// DialTimeout bounds connecting; read and write timeouts are go-redis's
 	// defaults. Default 5s.
 	DialTimeout time.Duration
+
+	// FailFast makes NewPublisher return an error when the server does not
+	// answer a PING at construction. Default false: the failure is logged
+	// and the Publisher returned; the client dials when used, Publish
+	// failing with the network error (marked tailrace.Unavailable) until
+	// the server is reachable. The Subscriber always needs the server at
+	// construction.
+	FailFast bool
 
 	// MaxLen caps each stream at about this many entries (XADD MAXLEN ~),
 	// dropping the oldest. Default 0: unlimited.
@@ -138,8 +155,9 @@ func (c *Config) options() (*redis.Options, error) {
 	return opts, nil
 }
 
-// client opens a client and checks the server answers.
-func (c *Config) client() (redis.UniversalClient, secret.Scrubber, error) {
+// client opens a client and checks the server answers. With tolerate, a
+// server that cannot be reached is logged, not an error.
+func (c *Config) client(tolerate bool, logger watermill.LoggerAdapter) (redis.UniversalClient, secret.Scrubber, error) {
 	scrub := secret.NewScrubber(c.URL)
 	opts, err := c.options()
 	if err != nil {
@@ -149,10 +167,33 @@ func (c *Config) client() (redis.UniversalClient, secret.Scrubber, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), c.DialTimeout)
 	defer cancel()
 	if err := cl.Ping(ctx).Err(); err != nil {
+		err = fmt.Errorf("bus/redisstream: connect to %s: %w", secret.URL(c.URL), scrub.Error(err))
+		if tolerate && transportFailure(err) {
+			logger.Error("Server unreachable; the client dials again when used", err, nil)
+			return cl, scrub, nil
+		}
 		_ = cl.Close()
-		return nil, scrub, fmt.Errorf("bus/redisstream: connect to %s: %w", secret.URL(c.URL), scrub.Error(err))
+		return nil, scrub, err
 	}
 	return cl, scrub, nil
+}
+
+// transportFailure reports whether err is a failure of the connection to
+// Redis (or a server not ready to serve) rather than of the message.
+func transportFailure(err error) bool {
+	if transport.Network(err) || errors.Is(err, redis.ErrClosed) {
+		return true
+	}
+	var rerr redis.Error
+	if errors.As(err, &rerr) {
+		msg := rerr.Error()
+		for _, p := range []string{"LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY"} {
+			if strings.HasPrefix(msg, p) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // Publisher appends messages to streams; see the package doc.
@@ -172,7 +213,7 @@ func NewPublisher(cfg Config, logger watermill.LoggerAdapter) (*Publisher, error
 	if logger == nil {
 		logger = watermill.NopLogger{}
 	}
-	cl, scrub, err := cfg.client()
+	cl, scrub, err := cfg.client(!cfg.FailFast, logger.With(watermill.LogFields{"component": "bus/redisstream.Publisher"}))
 	if err != nil {
 		return nil, err
 	}
@@ -186,10 +227,11 @@ func NewPublisher(cfg Config, logger watermill.LoggerAdapter) (*Publisher, error
 }
 
 // Publish appends messages to the stream named topic, in order, and returns
-// at the first failure.
+// at the first failure. Failures of the transport are marked with
+// tailrace.Unavailable.
 func (p *Publisher) Publish(topic string, messages ...*message.Message) error {
 	if err := p.pub.Publish(topic, messages...); err != nil {
-		return fmt.Errorf("bus/redisstream: publish to %q: %w", topic, p.scrub.Error(err))
+		return transport.Mark(fmt.Errorf("bus/redisstream: publish to %q: %w", topic, p.scrub.Error(err)), transportFailure)
 	}
 	return nil
 }
@@ -226,7 +268,7 @@ func NewSubscriber(cfg Config, logger watermill.LoggerAdapter) (*Subscriber, err
 	if logger == nil {
 		logger = watermill.NopLogger{}
 	}
-	cl, scrub, err := cfg.client()
+	cl, scrub, err := cfg.client(false, logger)
 	if err != nil {
 		return nil, err
 	}

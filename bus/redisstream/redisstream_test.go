@@ -2,6 +2,9 @@ package redisstream_test
 
 import (
 	"context"
+	"errors"
+	"io"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
@@ -13,6 +16,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/pubsub/tests"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/tailrace/tailrace"
 	"github.com/tailrace/tailrace/bus/redisstream"
 	"github.com/tailrace/tailrace/internal/testenv"
 )
@@ -80,7 +84,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 		"redis://user:" + strings.ReplaceAll(pw, "%", "") + "@127.0.0.1:1/0",
 		"redis://user:" + strings.ReplaceAll(pw, "%", "") + "@127.0.0.1:6379/notadb",
 	} {
-		_, err := redisstream.NewPublisher(redisstream.Config{URL: url, DialTimeout: time.Second}, nil)
+		_, err := redisstream.NewPublisher(redisstream.Config{URL: url, DialTimeout: time.Second, FailFast: true}, nil)
 		if err == nil {
 			t.Fatalf("NewPublisher(%s) succeeded", url)
 		}
@@ -181,5 +185,82 @@ func TestConcurrentSubscribeAndClose(t *testing.T) {
 		}
 		mu.Unlock()
 		wg.Wait()
+	}
+}
+
+// A publisher built while the server cannot be reached (a port nothing
+// listens on yet): construction succeeds, Publish fails with an error
+// marked tailrace.Unavailable; once a proxy to the real server listens on
+// that port, Publish succeeds. FailFast keeps the error at construction.
+func TestPublisherStartsWhileServerDown(t *testing.T) {
+	prefix := testenv.UniqueName("tr")
+	setup(t, prefix)
+	real := testenv.RedisAddr(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close()
+	cfg := redisstream.Config{URL: "redis://" + addr + "/0", DialTimeout: time.Second}
+	ff := cfg
+	ff.FailFast = true
+	if p, err := redisstream.NewPublisher(ff, nil); err == nil {
+		_ = p.Close()
+		t.Fatal("FailFast: NewPublisher succeeded with no server")
+	}
+	pub, err := redisstream.NewPublisher(cfg, nil)
+	if err != nil {
+		t.Fatalf("NewPublisher with the server down: %v", err)
+	}
+	defer pub.Close()
+	topic := prefix + ".down"
+	err = pub.Publish(topic, message.NewMessage(watermill.NewUUID(), nil))
+	if err == nil || !tailrace.IsUnavailable(err) {
+		t.Fatalf("Publish while down: %v; want a failure marked unavailable", err)
+	}
+	ln, err = net.Listen("tcp", addr)
+	if err != nil {
+		t.Skipf("cannot listen on %s again: %v", addr, err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s, err := net.Dial("tcp", real)
+			if err != nil {
+				_ = c.Close()
+				continue
+			}
+			go func() { _, _ = io.Copy(s, c); _ = s.Close() }()
+			go func() { _, _ = io.Copy(c, s); _ = c.Close() }()
+		}
+	}()
+	up := time.Now()
+	for {
+		err = pub.Publish(topic, message.NewMessage(watermill.NewUUID(), nil))
+		if err == nil {
+			break
+		}
+		if !tailrace.IsUnavailable(err) || time.Since(up) > 15*time.Second {
+			t.Fatalf("Publish after the server became reachable: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("published %s after the server became reachable", time.Since(up).Round(time.Millisecond))
+	// A server error about the message (a key of the wrong type) is the
+	// message's failure.
+	cl := redis.NewClient(&redis.Options{Addr: real})
+	defer cl.Close()
+	if err := cl.Set(context.Background(), prefix+".string", "x", time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	err = pub.Publish(prefix+".string", message.NewMessage(watermill.NewUUID(), nil))
+	var rerr redis.Error
+	if !errors.As(err, &rerr) || tailrace.IsUnavailable(err) {
+		t.Fatalf("XADD to a string key: %v (unavailable %v); want a redis error, not unavailable", err, tailrace.IsUnavailable(err))
 	}
 }

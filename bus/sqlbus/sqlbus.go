@@ -15,6 +15,12 @@
 //   - Each consumer group receives every message once it acked it
 //     (at-least-once: a crash between the handler and the offset update
 //     redelivers), in insertion order, one group member at a time.
+//   - Failures of the database connection (no connection, a connection
+//     refused, reset or timed out, SQLSTATE class 08, a server shutting
+//     down or refusing connections, out of resources) are marked with
+//     tailrace.Unavailable: the outbox relay takes them for an outage and
+//     counts no attempt against the message. Other SQL errors (a missing
+//     table, a payload the column refuses) are the message's.
 //   - Latency is the poll interval (Config.PollInterval) when idle. A
 //     subscriber sees only messages whose transaction is older than the
 //     oldest transaction still open anywhere on the PostgreSQL server
@@ -34,15 +40,20 @@ package sqlbus
 import (
 	"context"
 	stdsql "database/sql"
+	"database/sql/driver"
 	"errors"
 	"fmt"
 	"regexp"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
 	wsql "github.com/ThreeDotsLabs/watermill-sql/v3/pkg/sql"
 	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/tailrace/tailrace/bus/internal/transport"
 )
 
 // Defaults for Config fields left at their zero value.
@@ -191,15 +202,40 @@ func NewPublisher(db wsql.ContextExecutor, cfg Config, logger watermill.LoggerAd
 	return &Publisher{pub: pub}, nil
 }
 
-// Publish inserts messages into topic's table in one statement.
+// Publish inserts messages into topic's table in one statement. Failures
+// of the database connection are marked with tailrace.Unavailable.
 func (p *Publisher) Publish(topic string, messages ...*message.Message) error {
 	if err := ValidateTopic(topic); err != nil {
 		return err
 	}
 	if err := p.pub.Publish(topic, messages...); err != nil {
-		return fmt.Errorf("bus/sqlbus: publish to %q: %w", topic, err)
+		return transport.Mark(fmt.Errorf("bus/sqlbus: publish to %q: %w", topic, err), transportFailure)
 	}
 	return nil
+}
+
+// transportFailure reports whether err is a failure of the connection to
+// the database rather than of the message.
+func transportFailure(err error) bool {
+	if errors.Is(err, driver.ErrBadConn) || errors.Is(err, stdsql.ErrConnDone) || pgconn.Timeout(err) {
+		return true
+	}
+	var ce *pgconn.ConnectError
+	if errors.As(err, &ce) {
+		return true
+	}
+	var st interface{ SQLState() string }
+	if errors.As(err, &st) {
+		code := st.SQLState()
+		switch {
+		case strings.HasPrefix(code, "08"), // connection exception
+			strings.HasPrefix(code, "53"),                     // insufficient resources
+			code == "57P01", code == "57P02", code == "57P03": // shutting down, cannot connect now
+			return true
+		}
+		return false
+	}
+	return transport.Network(err)
 }
 
 // Close waits for Publish calls in progress. It does not close the database.

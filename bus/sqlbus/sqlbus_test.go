@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -12,6 +13,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/pubsub/tests"
 
+	"github.com/tailrace/tailrace"
 	"github.com/tailrace/tailrace/bus/sqlbus"
 	"github.com/tailrace/tailrace/internal/testenv"
 )
@@ -43,6 +45,8 @@ func TestExplicitSchemaAndTransactionalPublish(t *testing.T) {
 	}
 	if err := pub.Publish("missing", message.NewMessage(watermill.NewUUID(), nil)); err == nil {
 		t.Fatal("Publish to a topic without tables succeeded")
+	} else if tailrace.IsUnavailable(err) {
+		t.Fatalf("a missing table taken for an outage: %v", err)
 	}
 
 	// Inside a transaction: visible only after commit.
@@ -131,4 +135,28 @@ func TestUniversalPubSub(t *testing.T) {
 		func(t *testing.T) (message.Publisher, message.Subscriber) { return constructor(t, "test") },
 		constructor,
 	)
+}
+
+// A database that cannot be reached is an outage: Publish's error is
+// marked tailrace.Unavailable.
+func TestPublishToUnreachableDatabaseIsUnavailable(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close()
+	db, err := sql.Open("pgx", "postgres://postgres@"+addr+"/test?sslmode=disable&connect_timeout=2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	pub, err := sqlbus.NewPublisher(db, sqlbus.Config{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = pub.Publish("orders", message.NewMessage(watermill.NewUUID(), nil))
+	if err == nil || !tailrace.IsUnavailable(err) {
+		t.Fatalf("Publish to an unreachable database: %v; want a failure marked unavailable", err)
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 
@@ -37,8 +38,14 @@ var eventDestinations = []string{"orders.events", "orders.events.priority"}
 
 // App is the assembled service. wire.go builds it (wire_gen.go is the
 // generated code); every provider below is a plain function and works by
-// hand too. Every part is built whatever the roles (so a misconfiguration
-// shows at start-up in every process); Run runs only the configured roles.
+// hand too. The parts that connect to a broker are built only for the
+// roles that use them: the publishers for the relay and the consumers, the
+// subscribers for the consumers. So a process with only the api role
+// starts, and takes orders, while RabbitMQ and NATS are down: the orders'
+// events wait in the outbox for a relay. The publishers themselves start
+// while their broker is down too (they connect in the background), so a
+// relay does not need the broker to start either; the consumers do. Run
+// runs only the configured roles.
 type App struct {
 	cfg      Config
 	logger   *slog.Logger
@@ -51,6 +58,7 @@ type App struct {
 	routing  *bus.RoutingPublisher
 	notifier *outbox.Notifier
 	metrics  *telemetry
+	outboxH  *outbox.Health
 	handler  http.Handler
 
 	mu   sync.Mutex
@@ -58,8 +66,10 @@ type App struct {
 }
 
 func newApp(cfg Config, logger *slog.Logger, db *sql.DB, m *mediator.Mediator, relay *outbox.Relay,
-	consumer *bus.Consumer, audit AuditConsumer, watcher *policy.Watcher, routing *bus.RoutingPublisher, n *outbox.Notifier, t *telemetry) *App {
-	a := &App{cfg: cfg, logger: logger, db: db, m: m, relay: relay, consumer: consumer, audit: audit, watcher: watcher, routing: routing, notifier: n, metrics: t}
+	consumer *bus.Consumer, audit AuditConsumer, watcher *policy.Watcher, routing *bus.RoutingPublisher, n *outbox.Notifier, t *telemetry,
+	oh *outbox.Health) *App {
+	a := &App{cfg: cfg, logger: logger, db: db, m: m, relay: relay, consumer: consumer, audit: audit, watcher: watcher, routing: routing, notifier: n, metrics: t,
+		outboxH: oh}
 	a.handler = a.routes()
 	return a
 }
@@ -233,27 +243,42 @@ func provideNATSConfig(cfg Config) busnats.Config {
 	return busnats.Config{URL: cfg.NATSURL, Name: consumerName, ConsumerGroup: auditConsumerName}
 }
 
-// provideRegistry registers the publishers the policy may name: RabbitMQ and
-// NATS JetStream.
+// provideRegistry registers the publishers the policy may name, RabbitMQ
+// and NATS JetStream, for the roles that publish: the relay (both) and the
+// consumers (RabbitMQ, for poison messages). With only the api role the
+// registry is empty: nothing in that process publishes to a broker. The
+// publishers connect in the background when their broker is down.
 func provideRegistry(cfg Config, ac amqp.Config, nc busnats.Config, logger watermill.LoggerAdapter) (*bus.Registry, func(), error) {
+	reg := bus.NewRegistry()
+	if !cfg.Has(RoleRelay) && !cfg.Has(RoleConsumer) {
+		return reg, func() {}, nil
+	}
 	rabbit, err := amqp.NewPublisher(ac, logger)
 	if err != nil {
 		return nil, nil, err
 	}
-	nats, err := busnats.NewPublisher(nc, logger)
-	if err != nil {
-		return nil, nil, errors.Join(err, rabbit.Close())
-	}
-	reg := bus.NewRegistry()
 	reg.Register(rabbitKey, rabbit)
-	reg.Register(natsKey, prefixedPublisher{Publisher: nats, prefix: cfg.NATSPrefix})
+	if cfg.Has(RoleRelay) {
+		nats, err := busnats.NewPublisher(nc, logger)
+		if err != nil {
+			return nil, nil, errors.Join(err, reg.Close())
+		}
+		reg.Register(natsKey, prefixedPublisher{Publisher: nats, prefix: cfg.NATSPrefix})
+	}
 	return reg, func() { _ = reg.Close() }, nil
 }
 
+// publisherKeys are the publisher keys the policy may name: the ones
+// provideRegistry registers in a relay process.
+var publisherKeys = []string{rabbitKey, natsKey}
+
 // provideWatcherConfig loads the policy files, checking their publisher keys
-// against the registry.
-func provideWatcherConfig(cfg Config, reg *bus.Registry) policy.WatcherConfig {
-	return policy.WatcherConfig{Paths: cfg.PolicyPaths, Load: &policy.LoadOptions{KnownPublishers: reg.HasPublisher}}
+// against publisherKeys (not the registry, which is empty in an api-only
+// process).
+func provideWatcherConfig(cfg Config) policy.WatcherConfig {
+	return policy.WatcherConfig{Paths: cfg.PolicyPaths, Load: &policy.LoadOptions{
+		KnownPublishers: func(key string) bool { return slices.Contains(publisherKeys, key) },
+	}}
 }
 
 // provideRoutingConfig is the routing publisher's configuration (input of
@@ -272,6 +297,32 @@ func provideRelayConfig(cfg Config, n *outbox.Notifier, m *outbox.Metrics) outbo
 	}
 }
 
+// provideOutboxHealth is the outbox's health check, part of /healthz. In
+// a process with the relay role it has the "publisher" component (is the
+// relay's broker reachable; HealthConfig.Relay) and the relay's outage
+// gauges are registered (Metrics.ObserveRelay). The count of live relays
+// is not judged here (MinRelays -1): relays may run in other processes,
+// and this one registers only once it runs; the backlog's age shows a
+// missing relay.
+func provideOutboxHealth(cfg Config, db *sql.DB, relay *outbox.Relay, m *outbox.Metrics) (*outbox.Health, func(), error) {
+	hc := outbox.HealthConfig{Dialect: outbox.PostgreSQL, Table: outbox.DefaultTable, MinRelays: -1}
+	cleanup := func() {}
+	if cfg.Has(RoleRelay) {
+		hc.Relay = relay
+		reg, err := m.ObserveRelay(outbox.DefaultTable, relay)
+		if err != nil {
+			return nil, nil, err
+		}
+		cleanup = func() { _ = reg.Unregister() }
+	}
+	h, err := outbox.NewHealth(db, hc)
+	if err != nil {
+		cleanup()
+		return nil, nil, err
+	}
+	return h, cleanup, nil
+}
+
 // AuditConsumer is the consumer of the audit subject on NATS: a type of its
 // own so that Wire tells it from the main consumer.
 type AuditConsumer struct{ *bus.Consumer }
@@ -280,7 +331,11 @@ type AuditConsumer struct{ *bus.Consumer }
 // policy's Continue rule "audit", outside the mediator (HandleFunc): it
 // claims each message id in the inbox itself and appends to the audit
 // table, in one transaction.
+// Without the consumer role it builds nothing.
 func provideAuditConsumer(cfg Config, nc busnats.Config, s *service, reg *bus.Registry, m *mediator.Mediator, t *telemetry, logger *slog.Logger) (AuditConsumer, func(), error) {
+	if !cfg.Has(RoleConsumer) {
+		return AuditConsumer{}, func() {}, nil
+	}
 	metrics, err := bus.ConsumerMetrics(t.provider, auditConsumerName)
 	if err != nil {
 		return AuditConsumer{}, nil, err
@@ -329,7 +384,12 @@ func (s prefixedSubscriber) Subscribe(ctx context.Context, topic string) (<-chan
 	return s.Subscriber.Subscribe(ctx, s.prefix+topic)
 }
 
-func provideSubscriber(cfg amqp.Config, logger watermill.LoggerAdapter) (*amqp.Subscriber, func(), error) {
+// provideSubscriber is the RabbitMQ subscriber of the consumer role; nil
+// without it (it needs the broker at construction).
+func provideSubscriber(c Config, cfg amqp.Config, logger watermill.LoggerAdapter) (*amqp.Subscriber, func(), error) {
+	if !c.Has(RoleConsumer) {
+		return nil, func() {}, nil
+	}
 	sub, err := amqp.NewSubscriber(cfg, logger)
 	if err != nil {
 		return nil, nil, err
@@ -339,8 +399,11 @@ func provideSubscriber(cfg amqp.Config, logger watermill.LoggerAdapter) (*amqp.S
 
 // provideConsumer consumes the order events into the mediator; what fails
 // for good goes to the poison queue on RabbitMQ. Each handling attempt is
-// measured (bus.ConsumerMetrics).
+// measured (bus.ConsumerMetrics). Nil without the consumer role.
 func provideConsumer(cfg Config, m *mediator.Mediator, sub *amqp.Subscriber, reg *bus.Registry, t *telemetry, logger *slog.Logger) (*bus.Consumer, error) {
+	if !cfg.Has(RoleConsumer) {
+		return nil, nil
+	}
 	poison, err := reg.Lookup(rabbitKey)
 	if err != nil {
 		return nil, err

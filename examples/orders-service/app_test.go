@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -386,5 +387,54 @@ func deleteAMQP(t *testing.T, url string, names ...string) {
 		if err := ch.ExchangeDelete(name, false, false); err != nil {
 			t.Logf("cleanup: delete exchange %s: %v", name, err)
 		}
+	}
+}
+
+// closedAddr is a loopback address nothing listens on.
+func closedAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close()
+	return addr
+}
+
+// TestAPIWhileBrokersDown: a process with only the api role starts and
+// takes orders while RabbitMQ and NATS cannot be reached (it builds no
+// broker client); the orders' events wait in the outbox and are delivered
+// once a relay that reaches the brokers runs.
+func TestAPIWhileBrokersDown(t *testing.T) {
+	svc := newServices(t)
+	down := *svc
+	down.amqpURL = "amqp://guest:guest@" + closedAddr(t) + "/"
+	down.natsURL = "nats://" + closedAddr(t)
+	api := start(t, &down, RoleAPI)
+	deadline := time.Now().Add(10 * time.Second)
+	for api.app.Addr() == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("the API did not start listening")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	base := "http://" + api.app.Addr().String()
+	var h Health
+	if code := call(t, "GET", base+"/healthz", "", nil, &h); code != http.StatusOK {
+		t.Fatalf("healthz of the api role with the brokers down: %d %+v", code, h)
+	}
+	var ids []OrderID
+	for range 2 {
+		var created map[string]OrderID
+		if code := call(t, "POST", base+"/orders", `{"customer":"ed","amount_cents":9}`, nil, &created); code != http.StatusCreated {
+			t.Fatalf("create with the brokers down: %d", code)
+		}
+		ids = append(ids, created["id"])
+	}
+	// A relay (and the consumers) that reach the brokers.
+	start(t, svc, RoleRelay, RoleConsumer)
+	for _, id := range ids {
+		eventually(t, base, id, []ReceivedEvent{{Kind: "orders.created", Rule: "audit,default"}})
 	}
 }

@@ -109,12 +109,20 @@ type Health struct {
 	Checks map[string]string `json:"checks"`
 	// PolicyVersion is the routing policy in use.
 	PolicyVersion string `json:"policy_version"`
+	// Outbox is the outbox's health report (outbox.Health): the backlog,
+	// the dead letters, and in a relay process the relays and the
+	// "publisher" component, which turns degraded at the first publish
+	// that fails because the broker is unreachable and unhealthy after
+	// 10 s of such an outage with messages waiting.
+	Outbox outbox.HealthReport `json:"outbox"`
 }
 
-// health reports the database and the routing policy: 503 when the database
-// does not answer within 2 s, or when the last change to the policy files
-// was rejected (the last good policy is still in use, but someone should
-// look).
+// health reports the database, the routing policy and the outbox: 503 when
+// the database does not answer within 2 s, when the last change to the
+// policy files was rejected (the last good policy is still in use, but
+// someone should look), or when the outbox's health check is unhealthy
+// (for instance the relay's broker unreachable for 10 s with messages
+// waiting). A degraded outbox component is listed in Checks, with 200.
 func (a *App) health(w http.ResponseWriter, r *http.Request) {
 	h := Health{Status: "ok", Roles: a.cfg.Roles, Checks: map[string]string{}}
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
@@ -128,6 +136,15 @@ func (a *App) health(w http.ResponseWriter, r *http.Request) {
 	h.Checks["policy"] = "ok"
 	if err := a.watcher.Healthy(); err != nil {
 		h.Status, h.Checks["policy"] = "unavailable", err.Error()
+	}
+	h.Outbox = a.outboxH.Check(ctx)
+	for _, c := range h.Outbox.Components {
+		if c.Status != outbox.HealthOK {
+			h.Checks["outbox."+c.Name] = string(c.Status) + ": " + c.Message
+		}
+	}
+	if h.Outbox.Status == outbox.HealthUnhealthy {
+		h.Status = "unavailable"
 	}
 	code := http.StatusOK
 	if h.Status != "ok" {

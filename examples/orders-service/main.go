@@ -10,7 +10,10 @@
 // NATS copies, claiming each message id in the inbox itself.
 //
 // The three roles run in one process by default, or separately (-roles api,
-// -roles relay,consumer, ...) on the same database and brokers. It logs JSON
+// -roles relay,consumer, ...) on the same database and brokers. Each role
+// builds only what it uses: -roles api needs PostgreSQL alone and takes
+// orders while the brokers are down; a relay starts while they are down
+// and delivers once they are back. It logs JSON
 // with log/slog, serves /healthz and /metrics (OpenTelemetry metrics through
 // a Prometheus exporter), reloads the policy when its file changes
 // and shuts down gracefully on SIGINT or SIGTERM. It is assembled by Wire

@@ -58,6 +58,7 @@ func initApp(cfg Config, logger *slog.Logger, db *sql.DB) (*App, func(), error) 
 		provideSubscriber,
 		provideConsumer,
 		provideAuditConsumer,
+		provideOutboxHealth,
 		newApp,
 	)
 	return nil, nil, nil

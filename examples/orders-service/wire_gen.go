@@ -117,7 +117,7 @@ func initApp(cfg Config, logger *slog.Logger, db *sql.DB) (*App, func(), error) 
 		cleanup()
 		return nil, nil, err
 	}
-	watcherConfig := provideWatcherConfig(cfg, registry)
+	watcherConfig := provideWatcherConfig(cfg)
 	watcher, cleanup5, err := policy.ProvideWatcher(logger, watcherConfig)
 	if err != nil {
 		cleanup4()
@@ -147,7 +147,7 @@ func initApp(cfg Config, logger *slog.Logger, db *sql.DB) (*App, func(), error) 
 		cleanup()
 		return nil, nil, err
 	}
-	subscriber, cleanup8, err := provideSubscriber(amqpConfig, loggerAdapter)
+	subscriber, cleanup8, err := provideSubscriber(cfg, amqpConfig, loggerAdapter)
 	if err != nil {
 		cleanup7()
 		cleanup6()
@@ -182,8 +182,22 @@ func initApp(cfg Config, logger *slog.Logger, db *sql.DB) (*App, func(), error) 
 		cleanup()
 		return nil, nil, err
 	}
-	app := newApp(cfg, logger, db, mediatorMediator, relay, consumer, auditConsumer, watcher, routingPublisher, notifier, mainTelemetry)
+	health, cleanup10, err := provideOutboxHealth(cfg, db, relay, outboxMetrics)
+	if err != nil {
+		cleanup9()
+		cleanup8()
+		cleanup7()
+		cleanup6()
+		cleanup5()
+		cleanup4()
+		cleanup3()
+		cleanup2()
+		cleanup()
+		return nil, nil, err
+	}
+	app := newApp(cfg, logger, db, mediatorMediator, relay, consumer, auditConsumer, watcher, routingPublisher, notifier, mainTelemetry, health)
 	return app, func() {
+		cleanup10()
 		cleanup9()
 		cleanup8()
 		cleanup7()

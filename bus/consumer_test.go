@@ -72,11 +72,8 @@ func newConsumerBundle(t *testing.T, db *sql.DB, d outbox.Dialect) *consumerBund
 	if _, err := db.ExecContext(ctx, `CREATE TABLE stock (sku VARCHAR(64) NOT NULL, n INTEGER NOT NULL)`); err != nil {
 		t.Fatal(err)
 	}
-	txb, err := behaviors.NewTransaction(db, nil, behaviors.TransactionConfig{
-		Applies: func(info mediator.Info) bool {
-			return info.Type == mediator.TypeCommand || info.Type == mediator.TypeNotification
-		},
-	})
+	// Defaults: Transaction and Inbox both cover commands and events.
+	txb, err := behaviors.NewTransaction(db, nil, behaviors.TransactionConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}

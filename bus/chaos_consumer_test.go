@@ -118,6 +118,12 @@ func newChaosConsumer(db *sql.DB, sub message.Subscriber, poison message.Publish
 	})
 	cfg.Name = "chaos-svc"
 	cfg.PoisonPublisher = poison
+	if cfg.Concurrency == 0 {
+		// The handler holds its transaction's connection and takes a second
+		// one for the calls table: 4 handlers need all 8 of testenv's pool.
+		// More would deadlock the pool (see docs/bus.md, sizing).
+		cfg.Concurrency = 4
+	}
 	c, err := bus.NewConsumer(m, nil, cfg)
 	if err != nil {
 		return nil, err
@@ -185,7 +191,8 @@ func TestChaosConsumerChild(t *testing.T) {
 	errs := make(chan error, chaosChildConsumers)
 	for range chaosChildConsumers {
 		c, err := newChaosConsumer(db, sub, poison, os.Getenv("TAILRACE_CHAOS_DEST"), time.Millisecond,
-			bus.ConsumerConfig{Middlewares: []message.HandlerMiddleware{slowAck}})
+			// 8 consumers × 1 handler × 2 connections = the pool of 16.
+			bus.ConsumerConfig{Concurrency: 1, Middlewares: []message.HandlerMiddleware{slowAck}})
 		if err != nil {
 			t.Fatal(err)
 		}

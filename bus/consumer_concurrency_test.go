@@ -14,7 +14,9 @@ import (
 
 	"github.com/tailrace/tailrace"
 	"github.com/tailrace/tailrace/bus"
+	busamqp "github.com/tailrace/tailrace/bus/amqp"
 	"github.com/tailrace/tailrace/bus/gochannel"
+	"github.com/tailrace/tailrace/internal/testenv"
 	"github.com/tailrace/tailrace/mediator"
 )
 
@@ -392,4 +394,108 @@ func TestConsumerCloseWaitsForRunningHandlers(t *testing.T) {
 			t.Fatalf("settled %v, want the message nacked", got)
 		}
 	})
+}
+
+// Through RabbitMQ with the defaults (Prefetch 64, Concurrency 32): every
+// message handled once, each key in publish order, several keys at once,
+// and a message that fails twice first holds only its key.
+func TestConsumerConcurrentThroughRabbitMQ(t *testing.T) {
+	const keys, perKey = 20, 25
+	url := testenv.AMQPURL(t)
+	dest := testenv.UniqueName("tr_conc") + ".events"
+	t.Cleanup(func() { deleteAMQP(t, url, dest) })
+	cfg := busamqp.Config{URL: url, Topology: busamqp.Topology{DeclareQueues: true}}
+	pub, err := busamqp.NewPublisher(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	sub, err := busamqp.NewSubscriber(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	if err := sub.SubscribeInitialize(dest); err != nil {
+		t.Fatal(err)
+	}
+	var msgs []*message.Message
+	for i := range perKey {
+		for k := range keys {
+			msgs = append(msgs, keyedMsg(fmt.Sprintf("k%d", k), i))
+		}
+	}
+	if err := pub.Publish(dest, msgs...); err != nil {
+		t.Fatal(err)
+	}
+
+	var (
+		mu                  sync.Mutex
+		next                = map[string]int{}
+		handled             = map[string]int{}
+		errs                []string
+		running, maxRunning int
+		failed              = map[string]int{}
+		all                 = make(chan struct{})
+	)
+	c, err := bus.NewConsumer(mediator.New(), nil, bus.ConsumerConfig{
+		PoisonPublisher: poisonPublisher{pub, dest + ".poison"}, InitialInterval: 20 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.HandleFunc("test.keyed", func(ctx context.Context, msg *message.Message) error {
+		key := msg.Metadata.Get(tailrace.MetaPartitionKey)
+		var seq int
+		fmt.Sscan(string(msg.Payload), &seq)
+		mu.Lock()
+		running++
+		maxRunning = max(maxRunning, running)
+		mu.Unlock()
+		time.Sleep(2 * time.Millisecond) // a little work, so handlers overlap
+		mu.Lock()
+		defer mu.Unlock()
+		running--
+		if key == "k3" && seq == 4 && failed[msg.UUID] < 2 {
+			failed[msg.UUID]++
+			return errors.New("not yet")
+		}
+		if next[key] != seq {
+			errs = append(errs, fmt.Sprintf("key %s: seq %d handled, want %d", key, seq, next[key]))
+		}
+		next[key] = seq + 1
+		if handled[msg.UUID]++; len(handled) == keys*perKey && handled[msg.UUID] == 1 {
+			close(all)
+		}
+		return nil
+	})
+	if err := c.Subscribe(dest, sub); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- c.Run(context.Background()) }()
+	select {
+	case <-all:
+	case <-time.After(2 * time.Minute):
+		t.Error("not every message was handled within 2 minutes")
+	}
+	if err := c.Close(); err != nil {
+		t.Error(err)
+	}
+	if err := <-done; err != nil {
+		t.Error(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, e := range errs {
+		t.Error(e)
+	}
+	for id, n := range handled {
+		if n != 1 {
+			t.Errorf("message %s handled %d times", id, n)
+		}
+	}
+	if maxRunning < 2 {
+		t.Errorf("at most %d handlers ran at once, want several", maxRunning)
+	}
+	t.Logf("%d messages, %d keys, at most %d handlers at once", len(handled), keys, maxRunning)
 }

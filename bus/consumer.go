@@ -503,7 +503,7 @@ func (s *sequenced) Subscribe(ctx context.Context, topic string) (<-chan *messag
 		return nil, err
 	}
 	out := make(chan *message.Message)
-	go s.c.sequence(ctx, in, out)
+	go s.c.sequence(ctx, topic, in, out)
 	return out, nil
 }
 
@@ -512,7 +512,7 @@ func (*sequenced) Close() error { return nil }
 // sequence forwards in to out, entering each message in its key's queue
 // first. Once ctx is done it closes out and nacks what in still delivers
 // until the subscriber closes it.
-func (c *Consumer) sequence(ctx context.Context, in <-chan *message.Message, out chan<- *message.Message) {
+func (c *Consumer) sequence(ctx context.Context, destination string, in <-chan *message.Message, out chan<- *message.Message) {
 	defer func() {
 		close(out)
 		for msg := range in {
@@ -525,7 +525,13 @@ func (c *Consumer) sequence(ctx context.Context, in <-chan *message.Message, out
 			if !ok {
 				return
 			}
-			t := c.order.enter(msg.Metadata.Get(tailrace.MetaPartitionKey))
+			var key string
+			if k := msg.Metadata.Get(tailrace.MetaPartitionKey); k != "" {
+				// Keys are ordered per destination: deliveries of two
+				// destinations have no order between them to keep.
+				key = destination + "\x00" + k
+			}
+			t := c.order.enter(key)
 			c.turns.Store(msg, t)
 			select {
 			case out <- msg:
@@ -561,7 +567,8 @@ func (c *Consumer) inTurn(h message.HandlerFunc) message.HandlerFunc {
 			return nil, fmt.Errorf("%w: message %s left for redelivery", ErrConsumerClosed, msg.UUID)
 		}
 		if !t.predecessorOK() {
-			return nil, fmt.Errorf("bus: message %s left for redelivery: the message before it with partition key %q was not handled", msg.UUID, t.key)
+			return nil, fmt.Errorf("bus: message %s left for redelivery: the message before it with partition key %q was not handled",
+				msg.UUID, msg.Metadata.Get(tailrace.MetaPartitionKey))
 		}
 		ctx, cancel := context.WithCancel(context.WithoutCancel(msg.Context()))
 		defer cancel()

@@ -67,7 +67,7 @@ func main() {
 		consumeRuns = flag.Int("consume-rounds", 3, "consume: interleaved rounds")
 		consumeConc = flag.Int("consume-concurrency", 0, "consume: also run with this Concurrency (0: not)")
 		consumePref = flag.Int("consume-prefetch", 0, "consume: the Prefetch of the -consume-concurrency run (0: default)")
-		consumeOne  = flag.Bool("consume-serial", true, "consume: also run with Concurrency 1 and Prefetch 1 (one message at a time, as before concurrent consumers)")
+		consumeOne  = flag.Int("consume-serial-rounds", 1, "consume: in this many of the rounds, also run with Concurrency 1 and Prefetch 1 (one message at a time, as before concurrent consumers); it takes minutes")
 		jsonOut     = flag.String("json", "", "write machine-readable results to this file")
 		cpuProfile  = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	)
@@ -197,12 +197,13 @@ func main() {
 		if *consumeConc > 0 {
 			runs = append(runs, run{"tuned", *consumeConc, *consumePref})
 		}
-		if *consumeOne {
-			runs = append(runs, run{"one at a time", 1, 1})
-		}
 	rounds:
 		for round := 1; round <= *consumeRuns; round++ {
-			for _, r := range runs {
+			this := runs
+			if round <= *consumeOne {
+				this = append(this, run{"one at a time", 1, 1})
+			}
+			for _, r := range this {
 				if interrupted() {
 					break rounds
 				}
@@ -336,8 +337,12 @@ func printTable(w io.Writer, r *Results) {
 			if c.Capped {
 				capped = " (capped)"
 			}
-			fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d%s\t%.1f\t%.0f\t%.1f\t%d\t%d\t%d\t%d\t%d\t\n", c.Variant, c.Concurrency, c.Prefetch,
-				c.Events, c.Keys, c.Handled, capped, c.Seconds, c.PerSecond, c.RelaySeconds, c.Lost, c.Twice, c.OutOfOrder, c.Redelivered, c.Poisoned)
+			lost := "n/a"
+			if c.Lost >= 0 {
+				lost = strconv.Itoa(c.Lost)
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d%s\t%.1f\t%.0f\t%.1f\t%s\t%d\t%d\t%d\t%d\t\n", c.Variant, c.Concurrency, c.Prefetch,
+				c.Events, c.Keys, c.Handled, capped, c.Seconds, c.PerSecond, c.RelaySeconds, lost, c.Twice, c.OutOfOrder, c.Redelivered, c.Poisoned)
 		}
 		_ = tw.Flush()
 		fmt.Fprintln(w)

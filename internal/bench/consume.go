@@ -35,7 +35,8 @@ type ConsumeResult struct {
 	// the broker), from the same start.
 	RelaySeconds float64 `json:"relay_seconds"`
 	Capped       bool    `json:"capped,omitempty"`
-	// Checked in the domain table after the run.
+	// Checked in the domain table after the run. Lost is -1 when the run
+	// was capped (the events not handled yet are not lost).
 	Lost       int `json:"lost"`
 	Twice      int `json:"handled_twice"`
 	OutOfOrder int `json:"out_of_order"`
@@ -259,6 +260,9 @@ func Consume(ctx context.Context, e Env, variant string, n, keys, concurrency, p
 		return res, err
 	}
 	res.Lost, res.Twice = n-distinct, rows-distinct
+	if res.Capped {
+		res.Lost = -1
+	}
 	if err := s.DB.QueryRowContext(cctx, `SELECT COUNT(*) FROM (
 		SELECT seq, LAG(seq) OVER (PARTITION BY k ORDER BY id) AS prev FROM effects) x
 		WHERE prev IS NOT NULL AND prev >= seq`).Scan(&res.OutOfOrder); err != nil {

@@ -61,7 +61,7 @@ func main() {
 		senders     = flag.Int("senders", 8, "staging: concurrent senders")
 		stageRounds = flag.Int("stage-rounds", 3, "staging: interleaved rounds")
 		stageFor    = flag.Duration("stage-for", 3*time.Second, "staging: length of one variant's turn in a round")
-		sections    = flag.String("sections", "drain,latency,staging,dispatch,consume", "what to run")
+		sections    = flag.String("sections", "drain,latency,staging,dispatch", "what to run: drain, latency, staging, dispatch, consume (end to end through bus.Consumer; not in the default)")
 		consumeN    = flag.Int("consume-events", 20000, "consume: events staged, relayed to RabbitMQ and handled")
 		consumeKeys = flag.Int("consume-keys", 100, "consume: partition keys")
 		consumeRuns = flag.Int("consume-rounds", 3, "consume: interleaved rounds")

@@ -192,23 +192,24 @@ func main() {
 		type run struct {
 			name                  string
 			concurrency, prefetch int
+			prefill               bool
 		}
-		runs := []run{{"defaults", 0, 0}}
+		runs := []run{{"defaults", 0, 0, false}, {"defaults, queue filled first", 0, 0, true}}
 		if *consumeConc > 0 {
-			runs = append(runs, run{"tuned", *consumeConc, *consumePref})
+			runs = append(runs, run{"tuned", *consumeConc, *consumePref, false})
 		}
 	rounds:
 		for round := 1; round <= *consumeRuns; round++ {
 			this := runs
 			if round <= *consumeOne {
-				this = append(this, run{"one at a time", 1, 1})
+				this = append(this, run{"one at a time", 1, 1, false})
 			}
 			for _, r := range this {
 				if interrupted() {
 					break rounds
 				}
 				progress("consume %d events, %d keys, round %d: %s", *consumeN, *consumeKeys, round, r.name)
-				c, err := bench.Consume(ctx, e, r.name, *consumeN, *consumeKeys, r.concurrency, r.prefetch, *cap_)
+				c, err := bench.Consume(ctx, e, r.name, *consumeN, *consumeKeys, r.concurrency, r.prefetch, r.prefill, *cap_)
 				if err != nil {
 					fail("consume "+r.name, err)
 					continue

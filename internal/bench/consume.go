@@ -26,6 +26,8 @@ type ConsumeResult struct {
 	Events      int    `json:"events"`
 	Keys        int    `json:"keys"`
 	Concurrency int    `json:"concurrency"`
+	// Prefilled: the relay ran first; Seconds is the consumer's alone.
+	Prefilled bool `json:"prefilled,omitempty"`
 	Prefetch    int    `json:"prefetch"`
 	// Handled is the distinct events whose handler committed.
 	Handled   int     `json:"handled"`
@@ -61,8 +63,12 @@ func (consumeEvent) Kind() string { return "bench.event" }
 // except for concurrency and prefetch when they are non-zero; its pool
 // has as many connections as its Concurrency. After the run the domain
 // table is checked: every event once, and per key in seq order.
-func Consume(ctx context.Context, e Env, variant string, n, keys, concurrency, prefetch int, limit time.Duration) (ConsumeResult, error) {
-	res := ConsumeResult{Variant: variant, Events: n, Keys: keys}
+//
+// With prefill the relay runs first, alone, until the outbox is empty (all
+// events in RabbitMQ); only then does the consumer start and the clock run:
+// the consumer's own rate, without the relay beside it on a loaded machine.
+func Consume(ctx context.Context, e Env, variant string, n, keys, concurrency, prefetch int, prefill bool, limit time.Duration) (ConsumeResult, error) {
+	res := ConsumeResult{Variant: variant, Events: n, Keys: keys, Prefilled: prefill}
 	s, err := e.NewSchema(ctx)
 	if err != nil {
 		return res, err
@@ -205,15 +211,44 @@ func Consume(ctx context.Context, e Env, variant string, n, keys, concurrency, p
 		return res, err
 	}
 
-	consumerDone := make(chan error, 1)
-	go func() { consumerDone <- c.Run(context.Background()) }()
-	select {
-	case <-c.Running():
-	case err := <-consumerDone:
-		return res, fmt.Errorf("bench: consumer: %w", err)
+	startConsumer := func() (chan error, error) {
+		consumerDone := make(chan error, 1)
+		go func() { consumerDone <- c.Run(context.Background()) }()
+		select {
+		case <-c.Running():
+			return consumerDone, nil
+		case err := <-consumerDone:
+			return nil, fmt.Errorf("bench: consumer: %w", err)
+		}
+	}
+	var consumerDone chan error
+	if !prefill {
+		if consumerDone, err = startConsumer(); err != nil {
+			return res, err
+		}
 	}
 	start := time.Now()
 	go func() { _ = relay.Run(context.Background()) }()
+	if prefill {
+		for {
+			var left int
+			if err := s.DB.QueryRowContext(ctx, `SELECT COUNT(*) FROM `+table).Scan(&left); err != nil {
+				return res, err
+			}
+			if left == 0 {
+				break
+			}
+			if time.Since(start) > limit {
+				return res, fmt.Errorf("bench: the relay did not drain %d events within %s", n, limit)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		res.RelaySeconds = time.Since(start).Seconds()
+		if consumerDone, err = startConsumer(); err != nil {
+			return res, err
+		}
+		start = time.Now()
+	}
 	relayDone := make(chan time.Duration, 1)
 	stopWatch := make(chan struct{})
 	go func() { // when the outbox is empty
@@ -241,7 +276,9 @@ func Consume(ctx context.Context, e Env, variant string, n, keys, concurrency, p
 	close(stopWatch)
 	select {
 	case d := <-relayDone:
-		res.RelaySeconds = d.Seconds()
+		if !prefill {
+			res.RelaySeconds = d.Seconds()
+		}
 	default:
 	}
 	_ = c.Close()

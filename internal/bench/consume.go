@@ -28,7 +28,7 @@ type ConsumeResult struct {
 	Concurrency int    `json:"concurrency"`
 	// Prefilled: the relay ran first; Seconds is the consumer's alone.
 	Prefilled bool `json:"prefilled,omitempty"`
-	Prefetch    int    `json:"prefetch"`
+	Prefetch  int  `json:"prefetch"`
 	// Handled is the distinct events whose handler committed.
 	Handled   int     `json:"handled"`
 	Seconds   float64 `json:"seconds"`

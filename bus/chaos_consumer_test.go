@@ -191,8 +191,9 @@ func TestChaosConsumerChild(t *testing.T) {
 	errs := make(chan error, chaosChildConsumers)
 	for range chaosChildConsumers {
 		c, err := newChaosConsumer(db, sub, poison, os.Getenv("TAILRACE_CHAOS_DEST"), time.Millisecond,
-			// 8 consumers × 1 handler × 2 connections = the pool of 16.
-			bus.ConsumerConfig{Concurrency: 1, Middlewares: []message.HandlerMiddleware{slowAck}})
+			// 2 consumers × 4 concurrent handlers × 2 connections = the pool
+			// of 16.
+			bus.ConsumerConfig{Concurrency: chaosChildConcurrency, Middlewares: []message.HandlerMiddleware{slowAck}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -204,8 +205,11 @@ func TestChaosConsumerChild(t *testing.T) {
 }
 
 // chaosChildConsumers is the number of competing consumers in the consumer
-// process.
-const chaosChildConsumers = 8
+// process, each running chaosChildConcurrency handlers at once.
+const (
+	chaosChildConsumers   = 2
+	chaosChildConcurrency = 4
+)
 
 // chaosLedger is what a scenario counted, by message id.
 type chaosLedger struct {

@@ -5,7 +5,7 @@ GO      ?= go
 PKGS    ?= ./...
 TIMEOUT ?= 30m
 
-.PHONY: test vet unit lint bench bench-relay chaos fmt generate check-generated
+.PHONY: test vet unit lint bench bench-relay bench-consume chaos fmt generate check-generated
 
 ## test: vet, check generated code, then every test with the race detector.
 ## Ends with a line saying how many service tests were skipped because a
@@ -47,6 +47,13 @@ BENCH_FLAGS ?=
 bench-relay:
 	mkdir -p bench-results
 	$(GO) run ./cmd/tailrace-bench -json bench-results/relay.json $(BENCH_FLAGS)
+
+## bench-consume: end to end, staged events → relay → RabbitMQ → bus.Consumer
+## (Transaction ▸ Inbox, one insert per event), 3 rounds next to a one-at-a-time
+## consumer (needs the local services; see docs/benchmarks.md).
+bench-consume:
+	mkdir -p bench-results
+	$(GO) run ./cmd/tailrace-bench -sections consume -json bench-results/consume.json $(BENCH_FLAGS)
 
 ## chaos: the fault-injection suite at full scale (docs/reliability.md), one
 ## package at a time, output in bench-results/chaos.log and its ledger lines

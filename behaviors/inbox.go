@@ -27,9 +27,11 @@ type InboxConfig struct {
 	// Applies decides which dispatches are deduplicated. It is called once
 	// per request type by the Layer's Scope, and per dispatch by Handle.
 	// Default: commands and notifications (what bus consumers dispatch);
-	// queries and streams pass through. The Transaction behavior must apply
-	// to every type Inbox applies to: set TransactionConfig.Applies to
-	// include notifications when consumers dispatch events.
+	// queries and streams pass through. A transaction must be open around
+	// every type Inbox applies to: TransactionConfig.Applies covers the
+	// same types by default, and the Layer refuses, when the mediator
+	// builds the type's pipeline, a type it wraps without a TxOpener
+	// (Transaction) outside it.
 	Applies func(info mediator.Info) bool
 	// Consumer is the consumer name the ids are recorded under when the
 	// context carries none (outbox.WithConsumer; bus consumers set it).
@@ -103,9 +105,40 @@ func NewInbox(store *outbox.Inbox, logger *slog.Logger, cfg InboxConfig) (*Inbox
 	return &Inbox{store: store, logger: logger, cfg: cfg}, nil
 }
 
-// Layer returns b at OrderInbox, scoped by InboxConfig.Applies.
+// Layer returns b at OrderInbox, scoped by InboxConfig.Applies. Its Check
+// refuses (with an error wrapping ErrInboxNoTx) to build the pipeline of a
+// type the Inbox wraps when no TxOpener (the Transaction behavior) wraps it
+// further out: every consumed message of that type would fail. The
+// mediator reports it at registration (Register panics, RegisterSafely and
+// Build return it) or at Use.
 func (b *Inbox) Layer() mediator.Layer {
-	return mediator.Layer{Order: OrderInbox, Behavior: b, Scope: mediator.Where(b.cfg.Applies)}
+	return mediator.Layer{Order: OrderInbox, Behavior: b, Scope: mediator.Where(b.cfg.Applies), Check: b.checkPipeline}
+}
+
+// TxOpener is implemented by behaviors that open a transaction and put it
+// in the context (outbox.WithTx) for the layers inside them, as Transaction
+// does. A behavior of your own that does the same implements it, so that
+// Inbox accepts it.
+type TxOpener interface {
+	mediator.Behavior
+	OpensTx()
+}
+
+// OpensTx marks Transaction as a TxOpener.
+func (*Transaction) OpensTx() {}
+
+// checkPipeline is the Inbox layer's mediator.Layer.Check.
+func (b *Inbox) checkPipeline(info mediator.Info, pipeline []mediator.Layer) error {
+	for _, l := range pipeline {
+		if l.Behavior == mediator.Behavior(b) {
+			return fmt.Errorf("%w: no transaction behavior (TxOpener) wraps it outside the Inbox, so every consumed message would fail; "+
+				"make TransactionConfig.Applies cover %ss (the default does) or InboxConfig.Applies leave them out", ErrInboxNoTx, info.Type)
+		}
+		if _, ok := l.Behavior.(TxOpener); ok {
+			return nil
+		}
+	}
+	return nil
 }
 
 // Skipped returns how many duplicate deliveries Inbox skipped.

@@ -253,6 +253,80 @@ func TestInboxBehaviorNestedDispatchRuns(t *testing.T) {
 	}
 }
 
+// Transaction and Inbox with their defaults cover the same types, so a
+// consumer's commands and events work with zero configuration; a
+// Transaction that leaves out a type the Inbox wraps is refused when the
+// mediator is built, not at every message.
+func TestInboxAndTransactionDefaultsAgree(t *testing.T) {
+	db := testenv.NewSQLite(t).DB
+	store, err := outbox.NewInbox(db, nil, outbox.InboxConfig{Dialect: outbox.SQLite})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := outbox.InitializeInboxSchema(context.Background(), db, outbox.SQLite, store.Table()); err != nil {
+		t.Fatal(err)
+	}
+	ib, err := behaviors.NewInbox(store, nil, behaviors.InboxConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	txb, err := behaviors.NewTransaction(db, nil, behaviors.TransactionConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var handled atomic.Int64
+	m, err := mediator.Build(mediator.Config{}, []mediator.Layer{txb.Layer(), ib.Layer()}, []mediator.Registration{
+		mediator.Handle(mediator.HandlerFunc[creditAccount, int](func(ctx context.Context, c creditAccount) (int, error) {
+			handled.Add(1)
+			return 1, nil
+		})),
+		mediator.HandleNotification(mediator.NotificationHandlerFunc[accountCredited](func(ctx context.Context, e accountCredited) error {
+			if _, ok := outbox.TxFromContext(ctx); !ok {
+				return errors.New("no transaction")
+			}
+			handled.Add(1)
+			return nil
+		})),
+	})
+	if err != nil {
+		t.Fatalf("defaults refused: %v", err)
+	}
+	for range 2 { // the second delivery of each is a duplicate
+		if _, err := mediator.Send(delivery("c1"), m, creditAccount{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := mediator.Publish(delivery("e1"), m, accountCredited{Account: "a"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := handled.Load(); n != 2 {
+		t.Fatalf("handled %d times, want 2 (a command and an event, once each)", n)
+	}
+
+	// Commands only in the transaction: the event type is refused at Build,
+	// at registration, and by a Use that adds the Inbox after it.
+	cmdOnly, err := behaviors.NewTransaction(db, nil, behaviors.TransactionConfig{
+		Applies: func(info mediator.Info) bool { return info.Type == mediator.TypeCommand },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	onEvent := mediator.NotificationHandlerFunc[accountCredited](func(context.Context, accountCredited) error { return nil })
+	_, err = mediator.Build(mediator.Config{}, []mediator.Layer{cmdOnly.Layer(), ib.Layer()}, []mediator.Registration{mediator.HandleNotification(onEvent)})
+	if !errors.Is(err, behaviors.ErrInboxNoTx) || !strings.Contains(err.Error(), "accounts.credited") {
+		t.Fatalf("Build with a commands-only transaction: %v; want ErrInboxNoTx naming the event", err)
+	}
+	m = mediator.New(mediator.WithLayers(cmdOnly.Layer(), ib.Layer()))
+	if err := mediator.RegisterNotificationSafely(m, onEvent); !errors.Is(err, behaviors.ErrInboxNoTx) {
+		t.Fatalf("RegisterNotificationSafely: %v; want ErrInboxNoTx", err)
+	}
+	m = mediator.New(mediator.WithLayers(cmdOnly.Layer()))
+	mediator.RegisterNotification(m, onEvent)
+	if err := m.UseSafely(ib.Layer()); !errors.Is(err, behaviors.ErrInboxNoTx) {
+		t.Fatalf("UseSafely: %v; want ErrInboxNoTx", err)
+	}
+}
+
 func TestInboxBehaviorNeedsTransaction(t *testing.T) {
 	db := testenv.NewSQLite(t).DB
 	store, err := outbox.NewInbox(db, nil, outbox.InboxConfig{Dialect: outbox.SQLite})
@@ -263,7 +337,15 @@ func TestInboxBehaviorNeedsTransaction(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Inbox's Layer refuses the pipeline when the type is registered.
 	m := mediator.New(mediator.WithLayers(ib.Layer()))
+	err = mediator.RegisterSafely(m, mediator.HandlerFunc[creditAccount, int](func(ctx context.Context, c creditAccount) (int, error) { return 1, nil }))
+	if !errors.Is(err, behaviors.ErrInboxNoTx) || !strings.Contains(err.Error(), "accounts.credit") {
+		t.Fatalf("register without a transaction: %v; want ErrInboxNoTx naming the kind", err)
+	}
+	// Without the Layer's check (a Layer built by hand), each dispatch
+	// fails, permanently.
+	m = mediator.New(mediator.WithLayers(mediator.Layer{Order: behaviors.OrderInbox, Behavior: ib}))
 	mediator.RegisterFunc(m, func(ctx context.Context, c creditAccount) (int, error) { return 1, nil })
 	_, err = mediator.Send(delivery("x"), m, creditAccount{})
 	if !errors.Is(err, behaviors.ErrInboxNoTx) || !tailrace.IsPermanent(err) {

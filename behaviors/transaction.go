@@ -22,8 +22,10 @@ type TransactionConfig struct {
 	// Applies decides which dispatches run in a transaction. It is called
 	// once per request type by the Layer's Scope, and per dispatch by
 	// Handle when the behavior is registered without that Scope. Default:
-	// commands only (info.Type == mediator.TypeCommand); queries,
-	// notifications and streams pass through untouched.
+	// commands and notifications (what bus consumers dispatch, and what
+	// Inbox deduplicates by default, so the two work together with zero
+	// configuration; a notification published inside a command's handler
+	// joins its transaction); queries and streams pass through untouched.
 	Applies func(info mediator.Info) bool
 
 	// Notifier is signalled after every successful commit, so that a relay
@@ -35,7 +37,9 @@ type TransactionConfig struct {
 
 func (c *TransactionConfig) setDefaults() {
 	if c.Applies == nil {
-		c.Applies = func(info mediator.Info) bool { return info.Type == mediator.TypeCommand }
+		c.Applies = func(info mediator.Info) bool {
+			return info.Type == mediator.TypeCommand || info.Type == mediator.TypeNotification
+		}
 	}
 }
 
@@ -116,7 +120,7 @@ func NewTransaction(db *sql.DB, logger *slog.Logger, cfg TransactionConfig) (*Tr
 }
 
 // Layer returns t at OrderTransaction, scoped by TransactionConfig.Applies
-// (commands by default).
+// (commands and notifications by default).
 func (t *Transaction) Layer() mediator.Layer {
 	return mediator.Layer{
 		Order:    OrderTransaction,

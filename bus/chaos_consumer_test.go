@@ -118,6 +118,12 @@ func newChaosConsumer(db *sql.DB, sub message.Subscriber, poison message.Publish
 	})
 	cfg.Name = "chaos-svc"
 	cfg.PoisonPublisher = poison
+	if cfg.Concurrency == 0 {
+		// The handler holds its transaction's connection and takes a second
+		// one for the calls table: 4 handlers need all 8 of testenv's pool.
+		// More would deadlock the pool (see docs/bus.md, sizing).
+		cfg.Concurrency = 4
+	}
 	c, err := bus.NewConsumer(m, nil, cfg)
 	if err != nil {
 		return nil, err
@@ -185,7 +191,9 @@ func TestChaosConsumerChild(t *testing.T) {
 	errs := make(chan error, chaosChildConsumers)
 	for range chaosChildConsumers {
 		c, err := newChaosConsumer(db, sub, poison, os.Getenv("TAILRACE_CHAOS_DEST"), time.Millisecond,
-			bus.ConsumerConfig{Middlewares: []message.HandlerMiddleware{slowAck}})
+			// 2 consumers × 4 concurrent handlers × 2 connections = the pool
+			// of 16.
+			bus.ConsumerConfig{Concurrency: chaosChildConcurrency, Middlewares: []message.HandlerMiddleware{slowAck}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -197,8 +205,11 @@ func TestChaosConsumerChild(t *testing.T) {
 }
 
 // chaosChildConsumers is the number of competing consumers in the consumer
-// process.
-const chaosChildConsumers = 8
+// process, each running chaosChildConcurrency handlers at once.
+const (
+	chaosChildConsumers   = 2
+	chaosChildConcurrency = 4
+)
 
 // chaosLedger is what a scenario counted, by message id.
 type chaosLedger struct {

@@ -31,6 +31,7 @@ const (
 	DefaultConsumerJitter          = 0.2
 	DefaultPoisonTopic             = "tailrace_poison"
 	DefaultConsumerCloseTimeout    = 30 * time.Second
+	DefaultConsumerConcurrency     = 32
 	// MaxPoisonReasonBytes bounds the reason stamped on a poisoned message
 	// (broker headers are small).
 	MaxPoisonReasonBytes = 2048
@@ -132,8 +133,24 @@ type ConsumerConfig struct {
 	// DefaultPoisonTopic ("tailrace_poison").
 	PoisonTopic string
 
-	// CloseTimeout bounds how long Close waits for the messages being
-	// handled. Default 30 s.
+	// Concurrency is how many handlers the consumer runs at once, over
+	// all its subscriptions. Messages of one partition key
+	// (tailrace.MetaPartitionKey) still run one after the other, in the
+	// order they were delivered; different keys, and messages without a
+	// key, run in parallel. A message waiting for its key's previous
+	// message, or for a retry, does not take a place. Each handler inside
+	// the Transaction behavior holds a database connection while it runs:
+	// keep Concurrency at or below the pool's limit (sql.DB's
+	// SetMaxOpenConns) minus what the rest of the service needs. The
+	// subscriber must deliver several messages before their acks for this
+	// to help (RabbitMQ's prefetch, NATS's MaxAckPending, ...; see
+	// docs/bus.md). Default DefaultConsumerConcurrency (32); 1 handles one
+	// message at a time.
+	Concurrency int
+
+	// CloseTimeout bounds how long Close waits for the handlers running
+	// when it is called; their contexts are cancelled after it. Default
+	// 30 s.
 	CloseTimeout time.Duration
 
 	// Middlewares wrap each handler inside the consumer's own (metrics,
@@ -172,6 +189,9 @@ func (c *ConsumerConfig) setDefaults() {
 	if c.CloseTimeout == 0 {
 		c.CloseTimeout = DefaultConsumerCloseTimeout
 	}
+	if c.Concurrency == 0 {
+		c.Concurrency = DefaultConsumerConcurrency
+	}
 }
 
 // Validate reports every problem of c at once. NewConsumer calls it after
@@ -202,6 +222,9 @@ func (c ConsumerConfig) Validate() error {
 	if c.CloseTimeout < 0 {
 		errs = append(errs, fmt.Errorf("bus: ConsumerConfig.CloseTimeout must not be negative, got %v", c.CloseTimeout))
 	}
+	if c.Concurrency < 1 {
+		errs = append(errs, fmt.Errorf("bus: ConsumerConfig.Concurrency must be at least 1, got %d", c.Concurrency))
+	}
 	return errors.Join(errs...)
 }
 
@@ -218,14 +241,31 @@ type dispatchFunc func(ctx context.Context, msg *message.Message) error
 // the concrete Go type and dispatches it, so the hot path uses no
 // reflection.
 //
+// Concurrency and order: up to ConsumerConfig.Concurrency handlers run at
+// once. Messages with the same partition key (tailrace.MetaPartitionKey,
+// which the outbox stamps) are handled one after the other in the order the
+// subscriber delivered them: a key's next handler starts only after the
+// previous one has returned — inside the Transaction behavior, after its
+// transaction committed. Messages of different keys, and messages without a
+// key, run in parallel. A message waiting for a retry holds only its own
+// key: it takes no place among the Concurrency while it waits, and other
+// keys go on. Acknowledgements go out as messages finish, so they may reach
+// the broker out of delivery order. If a message is given up rather than
+// handled (Close, or the poison queue unreachable) it is nacked, and so are
+// the messages of its key delivered after it, so that the broker redelivers
+// them in order (RabbitMQ requeues in place; see docs/bus.md for the other
+// transports).
+//
 // Around every handler, from the outside in:
 //
+//   - order: wait for the key's previous message (above);
 //   - poison queue: a message that failed for good is published to
 //     ConsumerConfig.PoisonTopic with the reason (MetaPoison* metadata) and
 //     acknowledged, so it never blocks the ones behind it;
 //   - retry: up to MaxAttempts attempts with exponential backoff; a
 //     permanent error (tailrace.Permanent, an unknown kind, an undecodable
-//     payload, a panic) is not retried;
+//     payload, a panic) is not retried; each attempt takes one of the
+//     Concurrency places, the wait between attempts none;
 //   - recover: a panic in the handler becomes a permanent error;
 //   - context: the handler's context carries the message id
 //     (outbox.WithMessageID, for the Inbox behavior), the consumer's name
@@ -240,12 +280,20 @@ type dispatchFunc func(ctx context.Context, msg *message.Message) error
 // behaviors.Inbox). Brokers deliver at least once; the inbox drops the
 // duplicates in the handler's transaction.
 //
+// The handler's context is not cancelled when the consumer starts closing:
+// Close lets running handlers finish (their transactions commit and their
+// messages are acked) for up to CloseTimeout, then cancels their contexts.
+//
 // Register handlers and subscriptions, then Run; Close stops it.
 type Consumer struct {
 	m      *mediator.Mediator
 	logger *slog.Logger
 	cfg    ConsumerConfig
 	router *message.Router
+
+	order *keyOrder
+	turns sync.Map      // *message.Message -> *turn, from delivery to handler
+	slots chan struct{} // one per running handler attempt, cap Concurrency
 
 	mu      sync.Mutex
 	kinds   map[string]dispatchFunc
@@ -254,8 +302,10 @@ type Consumer struct {
 	closed  bool
 	runDone chan struct{}
 
-	closing   chan struct{}
+	closing   chan struct{} // closed when the consumer starts closing
 	closeOnce sync.Once
+	abort     context.Context // cancelled CloseTimeout after closing starts
+	abortNow  context.CancelFunc
 }
 
 // NewConsumer returns a consumer dispatching into m. A nil logger discards.
@@ -276,12 +326,16 @@ func NewConsumer(m *mediator.Mediator, logger *slog.Logger, cfg ConsumerConfig) 
 	if err != nil {
 		return nil, fmt.Errorf("bus: NewConsumer: %w", err)
 	}
+	abort, abortNow := context.WithCancel(context.Background())
 	return &Consumer{
 		m: m, logger: logger, cfg: cfg, router: router,
+		order:   newKeyOrder(),
+		slots:   make(chan struct{}, cfg.Concurrency),
 		kinds:   map[string]dispatchFunc{},
 		subs:    map[string]bool{},
 		closing: make(chan struct{}),
 		runDone: make(chan struct{}),
+		abort:   abort, abortNow: abortNow,
 	}, nil
 }
 
@@ -425,20 +479,115 @@ func (c *Consumer) Subscribe(destination string, sub message.Subscriber) error {
 	}
 	c.subs[destination] = true
 	name := c.cfg.Name + "/" + destination
-	h := c.router.AddConsumerHandler(name, destination, keepOpen{sub}, c.handle)
-	mws := []message.HandlerMiddleware{c.poison(destination), c.retry, recoverer}
+	h := c.router.AddConsumerHandler(name, destination, &sequenced{sub: sub, c: c}, c.handle)
+	mws := []message.HandlerMiddleware{c.inTurn, c.poison(destination), c.retry, recoverer}
 	mws = append(mws, c.cfg.Middlewares...)
 	h.AddMiddleware(mws...)
 	return nil
 }
 
-// keepOpen hides a subscriber's Close from the Router, which would close
-// it when it stops: the subscriber belongs to the caller, who may share it
-// between consumers. The Router ends each subscription by cancelling its
-// context instead.
-type keepOpen struct{ message.Subscriber }
+// sequenced is the subscriber the Router consumes through. It gives each
+// message its turn in its key's queue as it is delivered — in delivery
+// order, before the Router starts a goroutine for it — and hides the
+// subscriber's Close from the Router, which would close it when it stops:
+// the subscriber belongs to the caller, who may share it between consumers.
+// The Router ends each subscription by cancelling its context instead.
+type sequenced struct {
+	sub message.Subscriber
+	c   *Consumer
+}
 
-func (keepOpen) Close() error { return nil }
+func (s *sequenced) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
+	in, err := s.sub.Subscribe(ctx, topic)
+	if err != nil {
+		return nil, err
+	}
+	out := make(chan *message.Message)
+	go s.c.sequence(ctx, topic, in, out)
+	return out, nil
+}
+
+func (*sequenced) Close() error { return nil }
+
+// sequence forwards in to out, entering each message in its key's queue
+// first. Once ctx is done it closes out and nacks what in still delivers
+// until the subscriber closes it.
+func (c *Consumer) sequence(ctx context.Context, destination string, in <-chan *message.Message, out chan<- *message.Message) {
+	defer func() {
+		close(out)
+		for msg := range in {
+			msg.Nack()
+		}
+	}()
+	for {
+		select {
+		case msg, ok := <-in:
+			if !ok {
+				return
+			}
+			var key string
+			if k := msg.Metadata.Get(tailrace.MetaPartitionKey); k != "" {
+				// Keys are ordered per destination: deliveries of two
+				// destinations have no order between them to keep.
+				key = destination + "\x00" + k
+			}
+			t := c.order.enter(key)
+			c.turns.Store(msg, t)
+			select {
+			case out <- msg:
+			case <-ctx.Done():
+				c.turns.Delete(msg)
+				c.order.leave(t, false)
+				msg.Nack()
+				return
+			}
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// inTurn is the outermost middleware: it waits for the message's turn in
+// its key, runs the rest with a context that outlives the start of Close
+// (up to CloseTimeout), and lets the key's next message go once this one is
+// settled.
+func (c *Consumer) inTurn(h message.HandlerFunc) message.HandlerFunc {
+	return func(msg *message.Message) (_ []*message.Message, err error) {
+		var t *turn
+		if v, ok := c.turns.LoadAndDelete(msg); ok {
+			t = v.(*turn)
+		} else {
+			t = c.order.enter("") // not delivered through sequence: no key order to keep
+		}
+		handled := false
+		defer func() { c.order.leave(t, handled) }()
+		select {
+		case <-t.ready():
+		case <-c.closing:
+			return nil, fmt.Errorf("%w: message %s left for redelivery", ErrConsumerClosed, msg.UUID)
+		}
+		if !t.predecessorOK() {
+			return nil, fmt.Errorf("bus: message %s left for redelivery: the message before it with partition key %q was not handled",
+				msg.UUID, msg.Metadata.Get(tailrace.MetaPartitionKey))
+		}
+		ctx, cancel := context.WithCancel(context.WithoutCancel(msg.Context()))
+		defer cancel()
+		defer context.AfterFunc(c.abort, cancel)()
+		msg.SetContext(ctx)
+		out, err := h(msg)
+		handled = err == nil
+		return out, err
+	}
+}
+
+// stop starts closing: waits give up at once, running handlers get
+// CloseTimeout before their contexts are cancelled.
+func (c *Consumer) stop() {
+	c.closeOnce.Do(func() {
+		close(c.closing)
+		time.AfterFunc(c.cfg.CloseTimeout, c.abortNow)
+	})
+}
 
 // Run consumes until ctx is done or Close is called, then returns once the
 // messages being handled are done (up to CloseTimeout). A Consumer runs
@@ -457,18 +606,27 @@ func (c *Consumer) Run(ctx context.Context) error {
 	c.running = true
 	c.mu.Unlock()
 	defer close(c.runDone)
+	defer c.abortNow() // handlers still running after CloseTimeout
+	go func() {
+		select {
+		case <-ctx.Done():
+			c.stop()
+		case <-c.runDone:
+		}
+	}()
 	return c.router.Run(ctx)
 }
 
 // Running is closed once every subscription is consuming.
 func (c *Consumer) Running() <-chan struct{} { return c.router.Running() }
 
-// Close stops consuming and waits (up to CloseTimeout) for the messages
-// being handled. Messages waiting for a retry are left unacknowledged, for
-// the broker to redeliver. Close before Run just prevents it from running.
-// Close is idempotent.
+// Close stops consuming and waits (up to CloseTimeout) for the handlers
+// running; after CloseTimeout their contexts are cancelled. Messages
+// waiting for their key's previous message or for a retry are nacked at
+// once, left for the broker to redeliver to the next run. Close before Run
+// just prevents it from running. Close is idempotent.
 func (c *Consumer) Close() error {
-	c.closeOnce.Do(func() { close(c.closing) })
+	c.stop()
 	c.mu.Lock()
 	c.closed = true
 	running := c.running
@@ -543,7 +701,10 @@ func (c *Consumer) retry(h message.HandlerFunc) message.HandlerFunc {
 		b.Multiplier = c.cfg.Multiplier
 		b.RandomizationFactor = c.cfg.Jitter
 		for attempt := 1; ; attempt++ {
-			out, err := h(msg)
+			if !c.takeSlot() {
+				return nil, fmt.Errorf("%w: message %s left for redelivery before attempt %d", ErrConsumerClosed, msg.UUID, attempt)
+			}
+			out, err := c.attempt(h, msg)
 			if err == nil {
 				return out, nil
 			}
@@ -566,6 +727,28 @@ func (c *Consumer) retry(h message.HandlerFunc) message.HandlerFunc {
 			}
 		}
 	}
+}
+
+// takeSlot waits for one of the Concurrency places; false when the
+// consumer closes first (no new attempt starts once it is closing).
+func (c *Consumer) takeSlot() bool {
+	select {
+	case <-c.closing:
+		return false
+	default:
+	}
+	select {
+	case c.slots <- struct{}{}:
+		return true
+	case <-c.closing:
+		return false
+	}
+}
+
+// attempt runs h once in one of the Concurrency places.
+func (c *Consumer) attempt(h message.HandlerFunc, msg *message.Message) ([]*message.Message, error) {
+	defer func() { <-c.slots }()
+	return h(msg)
 }
 
 // recoverer turns a panic in the handler into a permanent error.

@@ -58,6 +58,16 @@ type Layer struct {
 	Behavior Behavior
 	// Scope limits the request types the behavior wraps; nil wraps all.
 	Scope Scope
+	// Check, when set, vets every pipeline the layer is part of when the
+	// pipeline is built: once per registered type the layer wraps, at its
+	// registration and again whenever layers are added, with the type's
+	// Info and the layers wrapping it in pipeline order (outermost first,
+	// this layer included). An error refuses that registration or Use, so
+	// that behaviors which cannot work together (Inbox without a
+	// Transaction outside it) fail at start-up instead of at every
+	// dispatch. Add layers that depend on each other in one Use (or
+	// WithLayers, or Build). Optional.
+	Check func(info Info, pipeline []Layer) error
 }
 
 // Scope decides, once per request type when the pipeline is built, whether a

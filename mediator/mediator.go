@@ -182,8 +182,36 @@ func (m *Mediator) update(f func(s *snapshot) error) error {
 	if err := f(s); err != nil {
 		return err
 	}
+	if err := s.check(); err != nil {
+		return err
+	}
 	s.table = newTypeTable(s.entries)
 	m.snap.Store(s)
+	return nil
+}
+
+// check runs the layers' Checks on every pipeline, in a stable order so
+// the same error is reported each time.
+func (s *snapshot) check() error {
+	if !slices.ContainsFunc(s.layers, func(l Layer) bool { return l.Check != nil }) {
+		return nil
+	}
+	metas := make([]*meta, 0, len(s.entries))
+	for _, e := range s.entries {
+		metas = append(metas, e.base())
+	}
+	slices.SortFunc(metas, func(a, b *meta) int { return cmp.Compare(a.info.Kind, b.info.Kind) })
+	for _, m := range metas {
+		pipeline := applicable(s.layers, m.info, m.sample)
+		for _, l := range pipeline {
+			if l.Check == nil {
+				continue
+			}
+			if err := l.Check(m.info, pipeline); err != nil {
+				return fmt.Errorf("mediator: the pipeline of %s %q: %w", m.info.Type, m.info.Kind, err)
+			}
+		}
+	}
 	return nil
 }
 

@@ -143,8 +143,13 @@ type Config struct {
 	// The Subscriber ignores it.
 	FailFast bool
 
-	// Prefetch is the subscriber's QoS prefetch count: deliveries sent to a
-	// subscription before it acknowledges. Default 64.
+	// Prefetch is the subscriber's QoS prefetch count: how many messages a
+	// subscription holds handed over but not yet acked. The subscriber
+	// hands them over without waiting for acks, so a concurrent reader
+	// (bus.Consumer) works on up to Prefetch at once; keep it at or above
+	// the consumer's Concurrency (the default 64 is twice bus's default 32,
+	// so messages waiting for their key's turn do not starve the others).
+	// 1 delivers strictly one at a time. Default 64.
 	Prefetch int
 	// NoRequeueOnNack makes a nacked message be dropped (or dead-lettered by
 	// the queue's policy) instead of requeued. Default false: requeued.

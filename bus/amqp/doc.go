@@ -22,8 +22,11 @@
 //   - the URL's password never appears in a log line or a returned error,
 //     even for a malformed URL (RedactURL).
 //
-// The Subscriber is watermill-amqp's, configured from the same Config so both
-// sides agree on names. Both pass Watermill's universal Pub/Sub suite.
+// The Subscriber is this package's own too (on amqp091), configured from the
+// same Config so both sides agree on names: it hands over up to Prefetch
+// messages before their acks and settles each on its own, which a
+// concurrent bus.Consumer needs (watermill-amqp's waits for each ack before
+// the next message). Both pass Watermill's universal Pub/Sub suite.
 //
 // By default a topic maps to a durable fanout exchange of the same name, and
 // subscribers consume a durable queue of the same name; see Topology to

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -139,5 +140,117 @@ func TestSubscriberChannelClosesOnCtxWithoutReader(t *testing.T) {
 	}
 	if _, err := sub.Subscribe(context.Background(), "orders"); !errors.Is(err, busamqp.ErrSubscriberClosed) {
 		t.Fatalf("Subscribe after Close: %v, want ErrSubscriberClosed", err)
+	}
+}
+
+// With Prefetch n, n messages are handed over before any is acked, and
+// each is settled on its own: acked in reverse order, or one nacked, the
+// queue ends with exactly the nacked one redelivered.
+func TestSubscriberSeveralInFlightSettledOutOfOrder(t *testing.T) {
+	b := setup(t)
+	cfg := b.config("window")
+	cfg.Prefetch = 4
+	sub, err := busamqp.NewSubscriber(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	if err := sub.SubscribeInitialize("orders"); err != nil {
+		t.Fatal(err)
+	}
+	pub := newPublisher(t, cfg, nil)
+	var ids []string
+	for range 6 {
+		id := watermill.NewUUID()
+		ids = append(ids, id)
+		if err := pub.Publish("orders", message.NewMessage(id, []byte("x"))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ch, err := sub.Subscribe(context.Background(), "orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := func() *message.Message {
+		t.Helper()
+		select {
+		case m := <-ch:
+			return m
+		case <-time.After(10 * time.Second):
+			t.Fatal("no message")
+			return nil
+		}
+	}
+	var held []*message.Message
+	for i := range 4 { // four unacked at once, in queue order
+		m := next()
+		if m.UUID != ids[i] {
+			t.Fatalf("message %d is %s, want %s", i, m.UUID, ids[i])
+		}
+		held = append(held, m)
+	}
+	select {
+	case m := <-ch:
+		t.Fatalf("a fifth message %s beyond the prefetch of 4", m.UUID)
+	case <-time.After(200 * time.Millisecond):
+	}
+	// Settle out of order: ack 3, 2, 0 and nack 1.
+	held[3].Ack()
+	held[2].Ack()
+	held[0].Ack()
+	held[1].Nack()
+	got := map[string]int{}
+	for range 3 { // 4, 5 and the nacked 1, in some order
+		m := next()
+		got[m.UUID]++
+		m.Ack()
+	}
+	if got[ids[1]] != 1 || got[ids[4]] != 1 || got[ids[5]] != 1 {
+		t.Fatalf("after settling got %v; want %s (nacked), %s and %s once each", got, ids[1], ids[4], ids[5])
+	}
+	select {
+	case m := <-ch:
+		t.Fatalf("unexpected redelivery of %s", m.UUID)
+	case <-time.After(300 * time.Millisecond):
+	}
+}
+
+// A subscription whose connection drops reconnects and goes on consuming.
+func TestSubscriberReconnects(t *testing.T) {
+	b := setup(t)
+	cfg := b.config("reconnect")
+	px := newProxy(t, hostOf(b.url))
+	subCfg := cfg
+	subCfg.URL = strings.Replace(b.url, hostOf(b.url), px.addr(), 1)
+	subCfg.ReconnectInitial = 20 * time.Millisecond
+	subCfg.ReconnectMax = 200 * time.Millisecond
+	sub, err := busamqp.NewSubscriber(subCfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	ch, err := sub.Subscribe(context.Background(), "orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := newPublisher(t, cfg, nil)
+	for round := range 2 {
+		id := watermill.NewUUID()
+		if err := pub.Publish("orders", message.NewMessage(id, []byte("x"))); err != nil {
+			t.Fatal(err)
+		}
+	wait:
+		for {
+			select {
+			case m := <-ch:
+				m.Ack() // an earlier one may come again: its ack may have been lost with the connection
+				if m.UUID == id {
+					break wait
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatalf("round %d: no message", round)
+			}
+		}
+		px.dropAll()
 	}
 }

@@ -25,6 +25,7 @@ func ConsumerName(group, topic string) string {
 type groupConsumer struct {
 	stream, name, group, topic string
 	ackWait                    time.Duration
+	maxAckPending              int
 }
 
 // config is the configuration a new consumer is created with. The deliver
@@ -41,6 +42,7 @@ func (g *groupConsumer) config(inboxPrefix string) *nc.ConsumerConfig {
 		DeliverPolicy:  nc.DeliverAllPolicy,
 		AckPolicy:      nc.AckExplicitPolicy,
 		AckWait:        g.ackWait,
+		MaxAckPending:  g.maxAckPending,
 		ReplayPolicy:   nc.ReplayInstantPolicy,
 	}
 }

@@ -144,7 +144,22 @@ type Config struct {
 	// CloseTimeout bounds how long Close waits for in-flight acks.
 	// Default 30s.
 	CloseTimeout time.Duration
+
+	// MaxAckPending is how many messages the server pushes to a
+	// subscription (to a ConsumerGroup's consumer: to all its members
+	// together) before their acks. The subscriber hands them over without
+	// waiting for acks, so a concurrent reader (bus.Consumer) works on up
+	// to MaxAckPending at once; keep it at or above the consumer's
+	// Concurrency. A ConsumerGroup's consumer gets it when it is created;
+	// an existing one keeps its own (JetStreamManager.UpdateConsumer
+	// changes it), it is not compared. 1 delivers one message at a time.
+	// Default DefaultMaxAckPending (64).
+	MaxAckPending int
 }
+
+// DefaultMaxAckPending is Config.MaxAckPending's default: twice bus's
+// default consumer Concurrency.
+const DefaultMaxAckPending = 64
 
 func (c *Config) setDefaults() {
 	if c.Name == "" {
@@ -167,6 +182,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.CloseTimeout == 0 {
 		c.CloseTimeout = DefaultCloseTimeout
+	}
+	if c.MaxAckPending == 0 {
+		c.MaxAckPending = DefaultMaxAckPending
 	}
 }
 
@@ -201,6 +219,9 @@ func (c *Config) validate() error {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("bus/nats: %s must be positive, got %v", name, d))
 		}
+	}
+	if c.MaxAckPending < 1 {
+		errs = append(errs, fmt.Errorf("bus/nats: MaxAckPending must be at least 1, got %d", c.MaxAckPending))
 	}
 	if c.Subscribers < 1 {
 		errs = append(errs, fmt.Errorf("bus/nats: Subscribers must be at least 1, got %d", c.Subscribers))

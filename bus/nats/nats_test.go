@@ -112,7 +112,25 @@ func TestSecretsNeverLeak(t *testing.T) {
 	}
 }
 
+// The universal suite runs twice: with MaxAckPending 1 the server pushes
+// the next message only once the previous is settled, so the suite's
+// ordering tests apply; with the default several messages are in flight and
+// settled independently, and a nacked one comes back after others: order
+// in the suite's sense is not claimed.
 func TestUniversalPubSub(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		maxAckPending int
+		ordered       bool
+	}{
+		{"maxackpending1", 1, true},
+		{"default", 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) { universalPubSub(t, tc.maxAckPending, tc.ordered) })
+	}
+}
+
+func universalPubSub(t *testing.T, maxAckPending int, ordered bool) {
 	prefix := testenv.UniqueName("tr")
 	url := setup(t, prefix)
 	constructor := func(t *testing.T, group string) (message.Publisher, message.Subscriber) {
@@ -125,7 +143,8 @@ func TestUniversalPubSub(t *testing.T) {
 		// AckWait 5s: a message pushed to a member that was closing is given
 		// up unacked and goes to the group's next member after AckWait; the
 		// suite waits 15s for messages, the default AckWait is 30s.
-		cfg := busnats.Config{URL: url, ConsumerGroup: group, CloseTimeout: 250 * time.Millisecond, AckWait: 5 * time.Second}
+		cfg := busnats.Config{URL: url, ConsumerGroup: group, CloseTimeout: 250 * time.Millisecond, AckWait: 5 * time.Second,
+			MaxAckPending: maxAckPending}
 		if group != "" {
 			cfg.Subscribers = 2
 		}
@@ -143,8 +162,8 @@ func TestUniversalPubSub(t *testing.T) {
 		tests.Features{
 			ConsumerGroups:                      true,
 			ExactlyOnceDelivery:                 false,
-			GuaranteedOrder:                     true,
-			GuaranteedOrderWithSingleSubscriber: true,
+			GuaranteedOrder:                     ordered,
+			GuaranteedOrderWithSingleSubscriber: ordered,
 			Persistent:                          true,
 			NewSubscriberReceivesOldMessages:    true,
 			ForceShort:                          true,
@@ -446,5 +465,54 @@ func TestNoStreamIsNotUnavailable(t *testing.T) {
 	err = pub.Publish(prefix+".nostream", message.NewMessage(watermill.NewUUID(), nil))
 	if err == nil || tailrace.IsUnavailable(err) {
 		t.Fatalf("Publish to a subject no stream captures: %v (unavailable %v); want a failure of the message", err, tailrace.IsUnavailable(err))
+	}
+}
+
+// Up to MaxAckPending messages are handed over before any ack, in stream
+// order, and each is settled on its own: acked out of order, one nacked;
+// only the nacked one comes again.
+func TestSeveralInFlightSettledOutOfOrder(t *testing.T) {
+	prefix := testenv.UniqueName("tr")
+	url := setup(t, prefix)
+	topic := prefix + ".window"
+	ids := publishN(t, url, topic, 5)
+	sub, err := busnats.NewSubscriber(busnats.Config{URL: url, MaxAckPending: 3, AckWait: time.Minute, CloseTimeout: time.Second}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	ch, err := sub.Subscribe(t.Context(), topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var held []*message.Message
+	for i := range 3 {
+		m := receive(t, ch)
+		if m.UUID != ids[i] {
+			t.Fatalf("message %d is %s, want %s", i, m.UUID, ids[i])
+		}
+		held = append(held, m)
+	}
+	select {
+	case m := <-ch:
+		t.Fatalf("a fourth message %s beyond MaxAckPending 3", m.UUID)
+	case <-time.After(300 * time.Millisecond):
+	}
+	held[2].Ack()
+	held[0].Ack()
+	held[1].Nack()
+	got := map[string]int{}
+	for range 3 { // 4, 5 and the nacked 2, in some order
+		m := receive(t, ch)
+		got[m.UUID]++
+		m.Ack()
+	}
+	if got[ids[1]] != 1 || got[ids[3]] != 1 || got[ids[4]] != 1 {
+		t.Fatalf("got %v; want %s (nacked), %s and %s once each", got, ids[1], ids[3], ids[4])
+	}
+	select {
+	case m := <-ch:
+		t.Fatalf("unexpected redelivery of %s", m.UUID)
+	case <-time.After(300 * time.Millisecond):
 	}
 }

@@ -29,9 +29,12 @@ var ErrClosed = errors.New("bus/nats: subscriber closed")
 // progress, so the close races with that callback's send — a data race,
 // and a possible "send on closed channel" panic.
 //
-// Each message is handed over on the channel and waits there for the
-// handler: Ack sends an AckSync (it returns once the server has the ack),
-// Nack sends a Nak (immediate redelivery). The message's context is a child
+// Messages are handed over on the channel in delivery order without waiting
+// for the previous one's ack: up to MaxAckPending are in flight at once (the
+// server stops pushing beyond it), each settled on its own when its handler
+// settles it: Ack sends an AckSync (it returns once the server has the ack),
+// Nack sends a Nak (immediate redelivery, after messages already handed
+// over). The message's context is a child
 // of Subscribe's ctx and is cancelled once the ack or nack is sent, or the
 // message is given up. A message neither acked nor nacked within AckWait is
 // given up here; the server redelivers it.
@@ -161,13 +164,15 @@ func (s *Subscriber) setUp(topic string) ([]nc.SubOpt, error) {
 	if group == "" {
 		// An ephemeral consumer on the stream capturing the subject, created
 		// by nats.go, which deletes it when the subscription ends.
-		return append(opts, nc.BindStream(""), nc.DeliverAll(), nc.AckExplicit(), nc.AckWait(s.cfg.AckWait)), nil
+		return append(opts, nc.BindStream(""), nc.DeliverAll(), nc.AckExplicit(), nc.AckWait(s.cfg.AckWait),
+			nc.MaxAckPending(s.cfg.MaxAckPending)), nil
 	}
 	stream, err := s.js.StreamNameBySubject(topic)
 	if err != nil {
 		return nil, fmt.Errorf("bus/nats: find the stream of topic %q: %w", topic, err)
 	}
-	g := &groupConsumer{stream: stream, name: ConsumerName(group, topic), group: group, topic: topic, ackWait: s.cfg.AckWait}
+	g := &groupConsumer{stream: stream, name: ConsumerName(group, topic), group: group, topic: topic, ackWait: s.cfg.AckWait,
+		maxAckPending: s.cfg.MaxAckPending}
 	if err := g.ensure(s.js, s.inbox); err != nil {
 		return nil, err
 	}
@@ -225,10 +230,11 @@ func (s *Subscriber) Close() error {
 // output is one Subscribe call: its NATS subscriptions and its channel.
 //
 // A message callback holds mu.RLock from its check of closed until it
-// returns, that is for the hand-over and the wait for the ack; shutdown
-// sets closed and closes ch under mu.Lock, so ch is closed only after every
-// callback that could send on it has returned, and a callback that starts
-// later sees closed and sends nothing. stop, closed before shutdown takes
+// returns, that is for the hand-over; shutdown sets closed and closes ch
+// under mu.Lock, so ch is closed only after every callback that could send
+// on it has returned, and a callback that starts later sees closed and
+// sends nothing. The waits for acks run on their own goroutines (settling),
+// which shutdown waits for before unsubscribing. stop, closed before shutdown takes
 // the lock, ends the hand-overs at once; the waits for acks end with the
 // ack or nack, AckWait, the subscriber's abandon (CloseTimeout after Close)
 // or ctx.
@@ -245,8 +251,9 @@ type output struct {
 	ch   chan *message.Message
 	stop chan struct{}
 
-	mu     sync.RWMutex
-	closed bool
+	mu       sync.RWMutex
+	closed   bool
+	settling sync.WaitGroup // one per message handed over, until settled or given up
 }
 
 // run shuts the output down when its ctx is done or the subscriber closes.
@@ -264,6 +271,7 @@ func (o *output) shutdown() {
 	o.closed = true
 	close(o.ch)
 	o.mu.Unlock()
+	o.settling.Wait() // the acks must reach the consumer before it is unsubscribed
 	for _, sub := range o.subs {
 		if err := sub.Unsubscribe(); err != nil && !errors.Is(err, nc.ErrConnectionClosed) && !errors.Is(err, nc.ErrBadSubscription) {
 			o.s.logger.Error("Cannot unsubscribe", o.s.scrub.Error(err), watermill.LogFields{"subject": sub.Subject})
@@ -281,7 +289,8 @@ func (o *output) shutdown() {
 }
 
 // handle runs on nats.go's delivery goroutine of one subscription: it hands
-// m over and waits for its ack or nack.
+// m over, in delivery order, and leaves the wait for its ack or nack to
+// settle.
 func (o *output) handle(m *nc.Msg, fields watermill.LogFields) {
 	o.mu.RLock()
 	defer o.mu.RUnlock()
@@ -290,8 +299,6 @@ func (o *output) handle(m *nc.Msg, fields watermill.LogFields) {
 	}
 	s := o.s
 	ackWait := time.NewTimer(s.cfg.AckWait) // the server's AckWait runs from delivery
-	defer ackWait.Stop()
-
 	msg, err := s.unmarshaler.Unmarshal(m)
 	if err != nil {
 		s.logger.Error("Cannot unmarshal message", err, fields)
@@ -299,24 +306,42 @@ func (o *output) handle(m *nc.Msg, fields watermill.LogFields) {
 	}
 	fields = fields.Add(watermill.LogFields{"message_uuid": msg.UUID})
 	ctx, cancel := context.WithCancel(o.ctx)
-	defer cancel()
 	msg.SetContext(ctx)
+	giveUp := func() {
+		cancel()
+		ackWait.Stop()
+	}
 
 	select { // do not hand over once closing, even if a receiver is ready
 	case <-o.stop:
+		giveUp()
 		return
 	default:
 	}
 	select {
 	case o.ch <- msg:
+		// Settled on its own goroutine: the next message is handed over
+		// without waiting for this one's ack (up to MaxAckPending).
+		o.settling.Add(1) // under mu.RLock: before shutdown's Wait
+		go o.settle(m, msg, ctx, cancel, ackWait, fields)
 	case <-o.stop:
 		s.logger.Trace("Closing, message not handed over", fields)
-		return
+		giveUp()
 	case <-ctx.Done():
 		s.logger.Trace("Context done, message not handed over", fields)
-		return
+		giveUp()
 	}
+}
 
+// settle waits for the ack or nack of one message handed over and sends it
+// to the server.
+// ctx is the context the message was handed over with (the reader may
+// replace the message's own).
+func (o *output) settle(m *nc.Msg, msg *message.Message, ctx context.Context, cancel context.CancelFunc, ackWait *time.Timer, fields watermill.LogFields) {
+	defer o.settling.Done()
+	defer cancel()
+	defer ackWait.Stop()
+	s := o.s
 	select {
 	case <-msg.Acked():
 		if m.Reply == "" {

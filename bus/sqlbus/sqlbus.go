@@ -21,6 +21,16 @@
 //     tailrace.Unavailable: the outbox relay takes them for an outage and
 //     counts no attempt against the message. Other SQL errors (a missing
 //     table, a payload the column refuses) are the message's.
+//   - One message at a time, with a transaction open meanwhile (not
+//     fixed here; see docs/bus.md): watermill-sql v3.1.0's subscriber reads
+//     a batch of up to BatchSize rows in a REPEATABLE READ transaction that
+//     locks the group's offsets row (SELECT ... FOR UPDATE), hands over one
+//     message, waits for its ack, records the offset in that transaction,
+//     and commits after the batch. The transaction therefore stays open
+//     ("idle in transaction") for as long as the handlers of the batch
+//     take, one after the other, and holds back, by the visibility rule
+//     below, every sqlbus subscriber on the server meanwhile. A concurrent
+//     bus.Consumer gets one message at a time from it.
 //   - Latency is the poll interval (Config.PollInterval) when idle. A
 //     subscriber sees only messages whose transaction is older than the
 //     oldest transaction still open anywhere on the PostgreSQL server

@@ -5,6 +5,7 @@
 //
 //	go run ./cmd/tailrace-bench                      # quick: backlogs 2,000 and 20,000
 //	go run ./cmd/tailrace-bench -backlogs 2000,20000,200000 -json bench.json
+//	go run ./cmd/tailrace-bench -sections consume      # end to end through bus.Consumer
 //
 // It needs the local PostgreSQL and RabbitMQ (TAILRACE_POSTGRES_URL and
 // TAILRACE_AMQP_URL override the defaults). Each measurement uses its own
@@ -21,6 +22,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -42,6 +44,7 @@ type Results struct {
 	Latency     []bench.LatencyResult  `json:"latency,omitempty"`
 	Staging     []bench.StagingResult  `json:"staging,omitempty"`
 	Dispatch    []bench.DispatchResult `json:"dispatch,omitempty"`
+	Consume     []bench.ConsumeResult  `json:"consume,omitempty"`
 	Errors      []string               `json:"errors,omitempty"`
 	Interrupted bool                   `json:"interrupted,omitempty"`
 }
@@ -58,10 +61,28 @@ func main() {
 		senders     = flag.Int("senders", 8, "staging: concurrent senders")
 		stageRounds = flag.Int("stage-rounds", 3, "staging: interleaved rounds")
 		stageFor    = flag.Duration("stage-for", 3*time.Second, "staging: length of one variant's turn in a round")
-		sections    = flag.String("sections", "drain,latency,staging,dispatch", "what to run")
+		sections    = flag.String("sections", "drain,latency,staging,dispatch", "what to run: drain, latency, staging, dispatch, consume (end to end through bus.Consumer; not in the default)")
+		consumeN    = flag.Int("consume-events", 20000, "consume: events staged, relayed to RabbitMQ and handled")
+		consumeKeys = flag.Int("consume-keys", 100, "consume: partition keys")
+		consumeRuns = flag.Int("consume-rounds", 3, "consume: interleaved rounds")
+		consumeConc = flag.Int("consume-concurrency", 0, "consume: also run with this Concurrency (0: not)")
+		consumePref = flag.Int("consume-prefetch", 0, "consume: the Prefetch of the -consume-concurrency run (0: default)")
+		consumeOne  = flag.Int("consume-serial-rounds", 1, "consume: in this many of the rounds, also run with Concurrency 1 and Prefetch 1 (one message at a time, as before concurrent consumers); it takes minutes")
 		jsonOut     = flag.String("json", "", "write machine-readable results to this file")
+		cpuProfile  = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	)
 	flag.Parse()
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "tailrace-bench: -cpuprofile:", err)
+			os.Exit(2)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	ns, err := parseInts(*backlogs)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "tailrace-bench: -backlogs:", err)
@@ -167,6 +188,38 @@ func main() {
 		progress("dispatch")
 		res.Dispatch = bench.Dispatch()
 	}
+	if want["consume"] && !interrupted() {
+		type run struct {
+			name                  string
+			concurrency, prefetch int
+			prefill               bool
+		}
+		runs := []run{{"defaults", 0, 0, false}, {"defaults, queue filled first", 0, 0, true}}
+		if *consumeConc > 0 {
+			runs = append(runs, run{"tuned", *consumeConc, *consumePref, false})
+		}
+	rounds:
+		for round := 1; round <= *consumeRuns; round++ {
+			this := runs
+			if round <= *consumeOne {
+				this = append(this, run{"one at a time", 1, 1, false})
+			}
+			for _, r := range this {
+				if interrupted() {
+					break rounds
+				}
+				progress("consume %d events, %d keys, round %d: %s", *consumeN, *consumeKeys, round, r.name)
+				c, err := bench.Consume(ctx, e, r.name, *consumeN, *consumeKeys, r.concurrency, r.prefetch, r.prefill, *cap_)
+				if err != nil {
+					fail("consume "+r.name, err)
+					continue
+				}
+				progress("  %d handled in %.1fs: %.0f/s (relay done at %.1fs), lost %d, twice %d, out of order %d",
+					c.Handled, c.Seconds, c.PerSecond, c.RelaySeconds, c.Lost, c.Twice, c.OutOfOrder)
+				res.Consume = append(res.Consume, c)
+			}
+		}
+	}
 	res.LoadAfter = loadavg()
 	res.Seconds = time.Since(res.Started).Seconds()
 
@@ -179,6 +232,7 @@ func main() {
 		}
 	}
 	if len(res.Errors) > 0 || res.Interrupted {
+		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
 }
@@ -272,6 +326,24 @@ func printTable(w io.Writer, r *Results) {
 		fmt.Fprintln(tw, "variant\tns/op\tallocs/op\tB/op\t")
 		for _, d := range r.Dispatch {
 			fmt.Fprintf(tw, "%s\t%.1f\t%d\t%d\t\n", d.Variant, d.NsPerOp, d.AllocsPerOp, d.BytesPerOp)
+		}
+		_ = tw.Flush()
+		fmt.Fprintln(w)
+	}
+	if len(r.Consume) > 0 {
+		fmt.Fprintln(w, "End to end: staged events → relay → RabbitMQ → bus.Consumer (Transaction ▸ Inbox, one insert) → handler")
+		fmt.Fprintln(tw, "variant\tconcurrency\tprefetch\tevents\tkeys\thandled\tseconds\thandled/s\trelay s\tlost\ttwice\tout of order\tredelivered\tpoisoned\t")
+		for _, c := range r.Consume {
+			capped := ""
+			if c.Capped {
+				capped = " (capped)"
+			}
+			lost := "n/a"
+			if c.Lost >= 0 {
+				lost = strconv.Itoa(c.Lost)
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d%s\t%.1f\t%.0f\t%.1f\t%s\t%d\t%d\t%d\t%d\t\n", c.Variant, c.Concurrency, c.Prefetch,
+				c.Events, c.Keys, c.Handled, capped, c.Seconds, c.PerSecond, c.RelaySeconds, lost, c.Twice, c.OutOfOrder, c.Redelivered, c.Poisoned)
 		}
 		_ = tw.Flush()
 		fmt.Fprintln(w)

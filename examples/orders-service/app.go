@@ -198,14 +198,10 @@ func provideOutboxConfig(n *outbox.Notifier, m *outbox.Metrics) outbox.Config {
 }
 
 // provideTransactionConfig wraps commands, and the events the consumer
-// publishes into the mediator, in a transaction: Inbox needs one for both.
+// publishes into the mediator, in a transaction (the default Applies):
+// Inbox needs one for both.
 func provideTransactionConfig(n *outbox.Notifier) behaviors.TransactionConfig {
-	return behaviors.TransactionConfig{
-		Notifier: n,
-		Applies: func(info mediator.Info) bool {
-			return info.Type == mediator.TypeCommand || info.Type == mediator.TypeNotification
-		},
-	}
+	return behaviors.TransactionConfig{Notifier: n}
 }
 
 // provideInboxStoreConfig is the inbox table, shared by the Inbox behavior

@@ -39,7 +39,7 @@ func (Withdraw) Domain() string         { return "bank" }
 func (w Withdraw) PartitionKey() string { return w.Account }
 
 // GetBalance is a query: the read side. Queries run outside the Transaction
-// behavior (it applies to commands only).
+// behavior (it applies to commands and notifications).
 type GetBalance struct {
 	mediator.Query[int64]
 	Account string

@@ -24,6 +24,11 @@ const (
 	DefaultWorkerConcurrency = 64
 	DefaultWorkerName        = "tailrace-worker"
 	DefaultWorkerMaxAttempts = 10
+	DefaultWorkerLeaseTTL    = 15 * time.Second
+	// DefaultWorkerPollInterval is the fallback poll of a worker that
+	// LISTENs on PostgreSQL; without LISTEN (MySQL, SQLite, DisableListen)
+	// it polls every DefaultRelayPollInterval (1 s).
+	DefaultWorkerPollInterval = 5 * time.Second
 )
 
 // WorkerConfig configures a Worker. The zero value of every field but
@@ -62,7 +67,11 @@ type WorkerConfig struct {
 	// 8 × BatchSize, at least Concurrency.
 	MaxPending int
 	// PollInterval is how often the worker looks for commands when nothing
-	// woke it. Default 1 s.
+	// woke it: the in-process Notifier wakes it on commits in this process,
+	// and on PostgreSQL LISTEN wakes it on commits in processes that run
+	// NotifyPostgres(db, Table, …), so polling is a fallback. Default 5 s
+	// on PostgreSQL with LISTEN, 1 s otherwise (MySQL, SQLite,
+	// DisableListen). Each poll is one statement, also when idle.
 	PollInterval time.Duration
 	// Notifier, when set, wakes the worker at once when a transaction in
 	// this process enqueued commands and committed.
@@ -73,7 +82,8 @@ type WorkerConfig struct {
 	DisableListen bool
 	// LeaseTTL is how long a partition lease lasts without renewal: a
 	// worker that dies has its partitions taken over within about LeaseTTL.
-	// Default 10 s.
+	// Leases are renewed every LeaseTTL/3 (a few statements each time).
+	// Default 15 s.
 	LeaseTTL time.Duration
 	// Owner names this worker in the leases table. Default
 	// "<hostname>-<pid>-<random>"; unique among live workers.
@@ -116,6 +126,15 @@ func (c *WorkerConfig) setDefaults() {
 	}
 	if c.MaxAttempts == 0 {
 		c.MaxAttempts = DefaultWorkerMaxAttempts
+	}
+	if c.LeaseTTL == 0 {
+		c.LeaseTTL = DefaultWorkerLeaseTTL
+	}
+	if c.PollInterval == 0 {
+		c.PollInterval = DefaultRelayPollInterval
+		if c.Dialect != nil && c.Dialect.Name() == "postgres" && !c.DisableListen {
+			c.PollInterval = DefaultWorkerPollInterval
+		}
 	}
 }
 

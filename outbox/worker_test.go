@@ -409,3 +409,45 @@ func TestWorker(t *testing.T) {
 		})
 	}
 }
+
+// TestWorkerConfig: bad configuration is refused up front, every problem
+// at once, in the worker's words; CommandTable must be valid and differ
+// from Table.
+func TestWorkerConfig(t *testing.T) {
+	db := testenv.NewSQLite(t).DB
+	m := mediator.New()
+	_, err := outbox.NewWorker(db, m, nil, outbox.WorkerConfig{Table: "bad name", Concurrency: -1, LeaseTTL: time.Millisecond})
+	if err == nil {
+		t.Fatal("NewWorker accepted a bad config")
+	}
+	for _, want := range []string{"Dialect", "Table", "Concurrency", "WorkerConfig.LeaseTTL"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not mention %s", err, want)
+		}
+	}
+	if strings.Contains(err.Error(), "RelayConfig") {
+		t.Errorf("error %q speaks of RelayConfig", err)
+	}
+	if _, err := outbox.NewWorker(nil, nil, nil, outbox.WorkerConfig{Dialect: outbox.SQLite, Table: "q"}); err == nil {
+		t.Error("NewWorker accepted a nil db and mediator")
+	}
+	if _, err := outbox.New(db, nil, outbox.Config{Dialect: outbox.SQLite, Table: "same", CommandTable: "same"}); err == nil {
+		t.Error("outbox.New accepted CommandTable == Table")
+	}
+	if _, err := outbox.New(db, nil, outbox.Config{Dialect: outbox.SQLite, CommandTable: "bad-name"}); err == nil {
+		t.Error("outbox.New accepted an invalid CommandTable")
+	}
+	w, err := outbox.NewWorker(db, m, nil, outbox.WorkerConfig{Dialect: outbox.SQLite, Table: "q"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	outbox.HandleCommand[Work](w)
+	func() {
+		defer func() {
+			if recover() == nil {
+				t.Error("a second registration of one kind did not panic")
+			}
+		}()
+		outbox.HandleCommand[Work](w)
+	}()
+}

@@ -137,6 +137,12 @@ func (e *engine) leaseTick(n int) error {
 			sc.dropPartition(p)
 			ps.owned, ps.draining = false, false
 		case ps.owned:
+			if !time.Now().Before(ps.validUntil) && !ps.draining {
+				// The lease was not known valid (a slow renewal): claims
+				// skipped this partition meanwhile; claim again now rather
+				// than at the next poll.
+				wake(e.claimWake)
+			}
 			ps.validUntil = validUntil
 			if sc.unpark(p) {
 				wake(e.dispatchWake)

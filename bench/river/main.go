@@ -75,6 +75,7 @@ var (
 	flagLatFor  = flag.Duration("latency-for", 10*time.Second, "latency: how long per contender")
 	flagIdleFor = flag.Duration("idle-for", 30*time.Second, "idle: how long per contender")
 	flagSect    = flag.String("sections", "throughput,latency,idle", "what to run")
+	flagCases   = flag.String("cases", "a,b", "throughput cases: a (no-op), b (insert + completion in one transaction)")
 )
 
 func envOr(k, def string) string {
@@ -286,7 +287,11 @@ func newTailraceOpts(ctx context.Context, dbURL string, insert bool, h *handled,
 		wn = nil
 		stopNotify = must(outbox.NotifyPostgres(db, "commands", n, nil))
 	}
-	w := must(outbox.NewWorker(db, m, slog.New(slog.DiscardHandler), outbox.WorkerConfig{
+	logger := slog.New(slog.DiscardHandler)
+	if os.Getenv("TAILRACE_BENCH_LOG") != "" {
+		logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	}
+	w := must(outbox.NewWorker(db, m, logger, outbox.WorkerConfig{
 		Dialect: outbox.PostgreSQL, Table: "commands", Notifier: wn, Concurrency: *flagConc,
 	}))
 	outbox.HandleCommand[Cmd](w)
@@ -429,6 +434,9 @@ func throughput(ctx context.Context) {
 	results := map[string][]float64{}
 	for r := range *flagRounds {
 		for _, insert := range []bool{false, true} {
+			if !strings.Contains(*flagCases, map[bool]string{false: "a", true: "b"}[insert]) {
+				continue
+			}
 			order := []int{0, 1}
 			if r%2 == 1 {
 				order = []int{1, 0}
@@ -477,6 +485,9 @@ func throughput(ctx context.Context) {
 	for _, insert := range []bool{false, true} {
 		a := median(results[label(insert)+"|"+sides[0].name])
 		b := median(results[label(insert)+"|"+sides[1].name])
+		if b == 0 {
+			continue
+		}
 		fmt.Fprintf(tw, "\t%s\t%.0f/s\t%.0f/s\t%.2f×\t\n", label(insert), a, b, a/b)
 	}
 	_ = tw.Flush()

@@ -178,6 +178,16 @@ func (g *workerRig) handled(t testing.TB) map[string]int {
 	return out
 }
 
+// waitLeased waits until a worker holds all 16 partitions, then a little
+// longer for the claim that follows.
+func (g *workerRig) waitLeased(t testing.TB) {
+	t.Helper()
+	waitUntil(t, 30*time.Second, "the partitions leased", func() bool {
+		return g.count(t, g.cmds+"_leases") == 16
+	})
+	time.Sleep(300 * time.Millisecond)
+}
+
 func (g *workerRig) newWorker(t testing.TB, cfg outbox.WorkerConfig) *outbox.Worker {
 	t.Helper()
 	cfg.Dialect, cfg.Table = g.d, g.cmds
@@ -450,4 +460,34 @@ func TestWorkerConfig(t *testing.T) {
 		}()
 		outbox.HandleCommand[Work](w)
 	}()
+}
+
+// TestWorkerWakeUp: with polling effectively off (PollInterval 1 h), a
+// worker still runs a command at once when it is woken: by the in-process
+// Notifier, and on PostgreSQL by LISTEN when the enqueuer's signals go
+// through NotifyPostgres (a worker in another process).
+func TestWorkerWakeUp(t *testing.T) {
+	t.Run("notifier", func(t *testing.T) {
+		db := testenv.NewSQLite(t).DB
+		g := newWorkerRig(t, db, outbox.SQLite, true)
+		run(t, g.newWorker(t, outbox.WorkerConfig{PollInterval: time.Hour}))
+		g.waitLeased(t) // past the claim that follows taking the partitions
+		g.enqueue(t, Work{ID: "n1", Key: "k", Seq: 0})
+		waitUntil(t, 20*time.Second, "the command run after a Notifier signal", func() bool { return g.handled(t)["n1"] == 1 })
+	})
+	t.Run("listen", func(t *testing.T) {
+		pg := testenv.NewPostgres(t)
+		g := newWorkerRig(t, pg.DB, outbox.PostgreSQL, true)
+		stop, err := outbox.NotifyPostgres(pg.DB, g.cmds, g.notifier, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer stop()
+		other := &outbox.Notifier{} // the worker does not hear the enqueuer's Notifier
+		run(t, g.newWorker(t, outbox.WorkerConfig{PollInterval: time.Hour, Notifier: other}))
+		g.waitLeased(t)
+		time.Sleep(time.Second) // LISTEN is up
+		g.enqueue(t, Work{ID: "l1", Key: "k", Seq: 0})
+		waitUntil(t, 20*time.Second, "the command run after a NOTIFY", func() bool { return g.handled(t)["l1"] == 1 })
+	})
 }

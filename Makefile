@@ -5,7 +5,7 @@ GO      ?= go
 PKGS    ?= ./...
 TIMEOUT ?= 30m
 
-.PHONY: test vet unit lint bench bench-relay bench-consume chaos fmt generate check-generated
+.PHONY: test vet unit lint bench bench-relay bench-consume bench-worker chaos fmt generate check-generated
 
 ## test: vet, check generated code, then every test with the race detector.
 ## Ends with a line saying how many service tests were skipped because a
@@ -54,6 +54,13 @@ bench-relay:
 bench-consume:
 	mkdir -p bench-results
 	$(GO) run ./cmd/tailrace-bench -sections consume -json bench-results/consume.json $(BENCH_FLAGS)
+
+## bench-worker: outbox.Worker vs River, PostgreSQL only (needs the local
+## PostgreSQL; see docs/benchmarks.md). River lives in the separate module
+## bench/river, never in the library's import graph. BENCH_FLAGS adds flags.
+bench-worker:
+	mkdir -p bench-results
+	cd bench/river && $(GO) run . $(BENCH_FLAGS) | tee ../../bench-results/worker.txt
 
 ## chaos: the fault-injection suite at full scale (docs/reliability.md), one
 ## package at a time, output in bench-results/chaos.log and its ledger lines

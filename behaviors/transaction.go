@@ -80,6 +80,11 @@ func (c TransactionConfig) Validate() error {
 // error that the outer handler swallows does not roll anything back by
 // itself; return it to roll back.
 //
+// Worker commands: when the request is a command an outbox.Worker is
+// running, Transaction deletes the command's row in the same transaction
+// just before COMMIT (outbox.CompleteInTx): the command's effects and its
+// completion commit together, so it runs exactly once.
+//
 // After a successful commit Transaction signals TransactionConfig.Notifier.
 //
 // Order: put Transaction inside Retry and Timeout (OrderTransaction), so
@@ -157,6 +162,11 @@ func (t *Transaction) Handle(ctx context.Context, req any, info mediator.Info, n
 
 	res, err = next(outbox.ContextWithTx(ctx, tx), req)
 	done = true
+	if err == nil {
+		// A command run by an outbox.Worker: its row is deleted in this
+		// transaction, so that it is done exactly when its effects commit.
+		err = outbox.CompleteInTx(ctx, tx, info.Kind)
+	}
 	if err != nil {
 		t.rollback(ctx, tx, info, err)
 		return nil, err

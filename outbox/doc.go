@@ -20,7 +20,8 @@
 //     ErrNoTx.
 //   - StageTx(ctx, tx, msgs...) takes any *sql.Tx the caller owns.
 //   - Enqueue(ctx, cmd) stages a command for a worker to execute later,
-//     joining the transaction in the context or committing one of its own.
+//     joining the transaction in the context or committing one of its own;
+//     it goes into Config.CommandTable when set, for a Worker.
 //
 // Staged messages are visible to the relay only after the transaction
 // commits, and are gone if it rolls back. Bad input (no kind, a payload over
@@ -55,9 +56,21 @@
 // upstream lacks (SQLiteSchema, SQLiteOffsetsAdapter), proven with
 // Watermill's universal Pub/Sub test suite.
 //
-// # The relay
+// # The relay and the worker
 //
-// The relay (NewRelay) reads committed messages from the table, unwraps the
-// envelopes with Watermill's forwarder and publishes them; see its
-// documentation and docs/outbox.md.
+// One engine claims committed rows in batches, keeps order per partition
+// key, shares the table's partitions among processes through leases,
+// retries with backoff and dead-letters what keeps failing. It has two
+// sinks:
+//
+//   - the relay (NewRelay) unwraps the envelopes with Watermill's forwarder
+//     and publishes them to brokers: at least once, deleted only after the
+//     broker confirmed;
+//   - the worker (NewWorker) runs the commands of a command table
+//     (Config.CommandTable, where Enqueue writes) straight through the
+//     mediator, with no broker: exactly once when the handler runs in the
+//     Transaction behavior, which deletes the command's row in the
+//     handler's own transaction (CompleteInTx), at least once otherwise.
+//
+// A table is served by relays or by workers, never both. See docs/outbox.md.
 package outbox

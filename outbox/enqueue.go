@@ -21,8 +21,11 @@ import (
 // Outbox's *sql.DB, commits it, and signals Config.Notifier; it returns
 // ErrNoTx if the Outbox has no *sql.DB.
 //
-// The worker side is at-least-once: a command can be executed twice after a
-// crash, so its handler must be idempotent (or run behind the inbox).
+// Where it goes: into Config.CommandTable when set, for a Worker that runs
+// it straight from that table (exactly once when its handler runs in the
+// Transaction behavior; see Worker); otherwise into the outbox table, for
+// the relay to publish to a broker, where a consumer runs it at least once
+// (make its handler idempotent, or run it behind the inbox).
 func (o *Outbox) Enqueue(ctx context.Context, cmd any) error {
 	if tx, ok := TxFromContext(ctx); ok {
 		return o.EnqueueTx(ctx, tx, cmd)
@@ -39,7 +42,7 @@ func (o *Outbox) Enqueue(ctx context.Context, cmd any) error {
 	if err != nil {
 		return fmt.Errorf("outbox: enqueue: begin: %w", err)
 	}
-	if err := o.write(ctx, tx, msgs); err != nil {
+	if err := o.writeTo(ctx, tx, o.commands, msgs); err != nil {
 		if rerr := tx.Rollback(); rerr != nil && !errors.Is(rerr, sql.ErrTxDone) {
 			err = errors.Join(err, fmt.Errorf("outbox: enqueue: rollback: %w", rerr))
 		}
@@ -53,7 +56,8 @@ func (o *Outbox) Enqueue(ctx context.Context, cmd any) error {
 }
 
 // EnqueueTx is Enqueue on an explicit transaction: the command is staged in
-// tx, visible to the relay only after tx commits and gone if it rolls back.
+// tx, visible to the relay or worker only after tx commits and gone if it
+// rolls back.
 // Whoever commits tx should signal the Notifier (the Transaction behavior
 // does).
 func (o *Outbox) EnqueueTx(ctx context.Context, tx *sql.Tx, cmd any) error {
@@ -64,5 +68,5 @@ func (o *Outbox) EnqueueTx(ctx context.Context, tx *sql.Tx, cmd any) error {
 	if err != nil {
 		return err
 	}
-	return o.write(ctx, tx, msgs)
+	return o.writeTo(ctx, tx, o.commands, msgs)
 }

@@ -44,20 +44,20 @@ const stallAfter = time.Minute
 // errPartitionMismatch is the fatal error for relays that disagree.
 var errPartitionMismatch = errors.New("outbox: relays on one outbox table must use the same RelayConfig.Partitions")
 
-func (s *subscriber) leaseLoop() {
-	defer s.leaseWG.Done()
-	tick := s.cfg.LeaseTTL / 3
+func (e *engine) leaseLoop() {
+	defer e.leaseWG.Done()
+	tick := e.cfg.LeaseTTL / 3
 	bo := newDBBackoff()
 	n := 0
 	for {
 		wait := tick
-		if err := s.leaseTick(n); err != nil {
+		if err := e.leaseTick(n); err != nil {
 			if errors.Is(err, errPartitionMismatch) {
-				s.fail(err)
+				e.fail(err)
 				return
 			}
 			wait = min(bo.NextBackOff(), tick)
-			s.log.Warn("outbox relay: lease renewal failed; retrying", "err", err, "retry_in", wait)
+			e.log.Warn(e.name+": lease renewal failed; retrying", "err", err, "retry_in", wait)
 		} else {
 			bo.Reset()
 			n++
@@ -66,31 +66,31 @@ func (s *subscriber) leaseLoop() {
 	idle:
 		for {
 			select {
-			case <-s.stopLease:
+			case <-e.stopLease:
 				t.Stop()
 				return
 			case <-t.C:
 				break idle
-			case <-s.leaseWake:
-				if err := s.releaseDrained(); err != nil {
-					s.log.Warn("outbox relay: cannot release partitions; retrying at the next tick", "err", err)
+			case <-e.leaseWake:
+				if err := e.releaseDrained(); err != nil {
+					e.log.Warn(e.name+": cannot release partitions; retrying at the next tick", "err", err)
 				}
 			}
 		}
 	}
 }
 
-func (s *subscriber) leaseTick(n int) error {
-	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.LeaseTTL)
+func (e *engine) leaseTick(n int) error {
+	ctx, cancel := context.WithTimeout(e.ctx, e.cfg.LeaseTTL)
 	defer cancel()
-	owner, ttl, P := s.cfg.Owner, s.cfg.LeaseTTL, s.cfg.Partitions
+	owner, ttl, P := e.cfg.Owner, e.cfg.LeaseTTL, e.cfg.Partitions
 	start := time.Now()
 	validUntil := start.Add(ttl - ttl/5)
 
-	if err := s.q.heartbeat(ctx, s.db, owner, ttl); err != nil {
+	if err := e.q.heartbeat(ctx, e.db, owner, ttl); err != nil {
 		return fmt.Errorf("heartbeat: %w", err)
 	}
-	live, err := s.q.liveRelays(ctx, s.db)
+	live, err := e.q.liveRelays(ctx, e.db)
 	if err != nil {
 		return fmt.Errorf("list relays: %w", err)
 	}
@@ -101,13 +101,13 @@ func (s *subscriber) leaseTick(n int) error {
 		}
 		if r.partitions != P {
 			return fmt.Errorf("%w: this relay (%s) has %d, live relay %s on table %q has %d",
-				errPartitionMismatch, owner, P, r.owner, s.cfg.Table, r.partitions)
+				errPartitionMismatch, owner, P, r.owner, e.cfg.Table, r.partitions)
 		}
 	}
-	if err := s.q.renew(ctx, s.db, owner, ttl); err != nil {
+	if err := e.q.renew(ctx, e.db, owner, ttl); err != nil {
 		return fmt.Errorf("renew leases: %w", err)
 	}
-	leases, err := s.q.listLeases(ctx, s.db)
+	leases, err := e.q.listLeases(ctx, e.db)
 	if err != nil {
 		return fmt.Errorf("list leases: %w", err)
 	}
@@ -126,21 +126,26 @@ func (s *subscriber) leaseTick(n int) error {
 	share := (P + max(1, len(live)) - 1) / max(1, len(live))
 
 	var adopt []int // leases we hold but did not know of (an acquire whose reply was lost)
-	s.mu.Lock()
+	e.mu.Lock()
+	sc := e.sched
 	active := 0
-	for p := range s.parts {
-		ps := &s.parts[p]
+	for p := range sc.parts {
+		ps := &sc.parts[p]
 		switch {
 		case ps.owned && !mine[p]:
-			s.log.Warn("outbox relay: lost the lease of a partition; another relay took it over", "partition", p)
-			s.dropPartitionLocked(p)
+			e.log.Warn(e.name+": lost the lease of a partition; another relay took it over", "partition", p)
+			sc.dropPartition(p)
 			ps.owned, ps.draining = false, false
 		case ps.owned:
+			if !time.Now().Before(ps.validUntil) && !ps.draining {
+				// The lease was not known valid (a slow renewal): claims
+				// skipped this partition meanwhile; claim again now rather
+				// than at the next poll.
+				wake(e.claimWake)
+			}
 			ps.validUntil = validUntil
-			if len(ps.parked) > 0 {
-				s.ready = append(s.ready, ps.parked...)
-				ps.parked = nil
-				wake(s.emitWake)
+			if sc.unpark(p) {
+				wake(e.dispatchWake)
 			}
 			if !ps.draining {
 				active++
@@ -151,34 +156,30 @@ func (s *subscriber) leaseTick(n int) error {
 	}
 	// Give back the excess, highest partition numbers first.
 	for p := P - 1; p >= 0 && active > share; p-- {
-		ps := &s.parts[p]
+		ps := &sc.parts[p]
 		if ps.owned && !ps.draining {
-			s.dropPartitionLocked(p)
+			sc.dropPartition(p)
 			ps.draining = true
 			active--
 		}
 	}
 	var ownedActive []int
-	for p := range s.parts {
-		if s.parts[p].owned && !s.parts[p].draining {
+	for p := range sc.parts {
+		if sc.parts[p].owned && !sc.parts[p].draining {
 			ownedActive = append(ownedActive, p)
 		}
 	}
-	closing := s.closing
-	var stalled int
-	for _, r := range s.rows {
-		if r.inflight && start.Sub(r.sentAt) > stallAfter {
-			stalled++
-		}
-	}
-	s.mu.Unlock()
+	closing := sc.closing
+	stalled := sc.stalled(start.Add(-stallAfter))
+	e.signalsLocked()
+	e.mu.Unlock()
 	if stalled > 0 {
-		s.log.Warn("outbox relay: publishes are not returning; the output publisher looks stuck", "stuck_messages", stalled, "for_over", stallAfter)
+		e.log.Warn(e.name+": publishes are not returning; the output publisher looks stuck", "stuck_messages", stalled, "for_over", stallAfter)
 	}
 	if closing {
 		return nil
 	}
-	if err := s.releaseDrained(); err != nil {
+	if err := e.releaseDrained(); err != nil {
 		return err
 	}
 
@@ -186,16 +187,16 @@ func (s *subscriber) leaseTick(n int) error {
 	// an offset of our own so that relays starting together spread out.
 	var acquired []int
 	want := share - active - len(adopt)
-	offset := int(s.token % int64(P))
+	offset := int(e.token % int64(P))
 	for i := 0; i < P && want > 0; i++ {
 		p := (offset + i) % P
-		s.mu.Lock()
-		free := !s.parts[p].owned && s.parts[p].inMem == 0 && !taken[p] && !mine[p]
-		s.mu.Unlock()
+		e.mu.Lock()
+		free := !e.sched.parts[p].owned && e.sched.parts[p].inMem == 0 && !taken[p] && !mine[p]
+		e.mu.Unlock()
 		if !free {
 			continue
 		}
-		ok, err := s.q.acquire(ctx, s.db, p, owner, s.token, ttl)
+		ok, err := e.q.acquire(ctx, e.db, p, owner, e.token, ttl)
 		if err != nil {
 			return fmt.Errorf("acquire partition %d: %w", p, err)
 		}
@@ -208,138 +209,109 @@ func (s *subscriber) leaseTick(n int) error {
 	if len(acquired) > 0 {
 		// Give back what a previous owner had claimed and not relayed, before
 		// claiming: it comes first in id order, so per-key order holds.
-		if _, err := s.q.resetClaims(ctx, s.db, acquired, 0); err != nil {
-			_ = s.q.release(ctx, s.db, owner, acquired)
+		if _, err := e.q.resetClaims(ctx, e.db, acquired, 0); err != nil {
+			_ = e.q.release(ctx, e.db, owner, acquired)
 			return fmt.Errorf("reset claims of acquired partitions: %w", err)
 		}
-		s.mu.Lock()
+		e.mu.Lock()
 		for _, p := range acquired {
-			s.parts[p] = partitionState{owned: true, validUntil: validUntil}
+			e.sched.parts[p] = partitionState{owned: true, validUntil: validUntil}
 		}
-		s.mu.Unlock()
-		s.log.Info("outbox relay: took partitions", "partitions", acquired, "live_relays", len(live), "share", share)
-		wake(s.claimWake)
+		e.mu.Unlock()
+		e.log.Info(e.name+": took partitions", "partitions", acquired, "live_relays", len(live), "share", share)
+		wake(e.claimWake)
 	}
 
 	// Sweep: rows in our partitions claimed by someone else's token.
 	if len(ownedActive) > 0 {
-		k, err := s.q.resetClaims(ctx, s.db, ownedActive, s.token)
+		k, err := e.q.resetClaims(ctx, e.db, ownedActive, e.token)
 		if err != nil {
 			return fmt.Errorf("sweep stale claims: %w", err)
 		}
 		if k > 0 {
-			s.log.Warn("outbox relay: gave back rows claimed by a relay that no longer holds their partition", "rows", k)
-			wake(s.claimWake)
+			e.log.Warn(e.name+": gave back rows claimed by a relay that no longer holds their partition", "rows", k)
+			wake(e.claimWake)
 		}
 	}
 	if n%30 == 29 {
-		if err := s.q.forgetDeadRelays(ctx, s.db, time.Hour); err != nil {
-			s.log.Debug("outbox relay: cannot delete old relay rows", "err", err)
+		if err := e.q.forgetDeadRelays(ctx, e.db, time.Hour); err != nil {
+			e.log.Debug(e.name+": cannot delete old relay rows", "err", err)
 		}
 	}
 	return nil
 }
 
-// dropPartitionLocked forgets every row of partition p that is not in
-// flight; in-flight ones finish (their acks still count).
-func (s *subscriber) dropPartitionLocked(p int) {
-	for key, q := range s.keys {
-		if q[0].part != p {
-			continue
-		}
-		keep := q[:0]
-		for _, r := range q {
-			if r.inflight {
-				keep = append(keep, r)
-			} else {
-				s.forgetLocked(r)
-			}
-		}
-		if len(keep) == 0 {
-			delete(s.keys, key)
-		} else {
-			s.keys[key] = keep
-		}
-	}
-	for _, r := range s.rows {
-		if r.part == p && !r.inflight {
-			s.forgetLocked(r)
-		}
-	}
-	s.parts[p].parked = nil
-}
-
 // releaseDrained deletes the leases of draining partitions whose in-flight
 // messages are done, after their acks are written.
-func (s *subscriber) releaseDrained() error {
-	s.mu.Lock()
+func (e *engine) releaseDrained() error {
+	e.mu.Lock()
 	var ps []int
-	for p := range s.parts {
-		if s.parts[p].draining && s.parts[p].inFlight == 0 {
+	for p := range e.sched.parts {
+		if e.sched.parts[p].draining && e.sched.parts[p].inFlight == 0 {
 			ps = append(ps, p)
 		}
 	}
-	s.mu.Unlock()
+	e.mu.Unlock()
 	if len(ps) == 0 {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.LeaseTTL)
+	ctx, cancel := context.WithTimeout(e.ctx, e.cfg.LeaseTTL)
 	defer cancel()
-	if err := s.flushAcks(ctx); err != nil {
+	if err := e.flushAcks(ctx); err != nil {
 		return fmt.Errorf("flush acks before release: %w", err)
 	}
-	if err := s.q.release(ctx, s.db, s.cfg.Owner, ps); err != nil {
+	if err := e.q.release(ctx, e.db, e.cfg.Owner, ps); err != nil {
 		return fmt.Errorf("release partitions: %w", err)
 	}
-	s.mu.Lock()
+	e.mu.Lock()
 	for _, p := range ps {
-		if s.parts[p].draining && s.parts[p].inFlight == 0 {
-			s.parts[p].owned, s.parts[p].draining = false, false
+		if e.sched.parts[p].draining && e.sched.parts[p].inFlight == 0 {
+			e.sched.parts[p].owned, e.sched.parts[p].draining = false, false
 		}
 	}
-	s.mu.Unlock()
-	s.log.Info("outbox relay: released partitions to other relays", "partitions", ps)
+	e.mu.Unlock()
+	e.log.Info(e.name+": released partitions to other relays", "partitions", ps)
 	return nil
 }
 
 // releaseAll runs at the end of Close: it releases every partition with
 // nothing in flight (the rest expire) and unregisters the relay.
-func (s *subscriber) releaseAll() {
-	ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
+func (e *engine) releaseAll() {
+	ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
 	defer cancel()
-	s.mu.Lock()
+	e.mu.Lock()
 	var ps []int
-	for p := range s.parts {
-		if s.parts[p].owned && s.parts[p].inFlight == 0 {
+	for p := range e.sched.parts {
+		if e.sched.parts[p].owned && e.sched.parts[p].inFlight == 0 {
 			ps = append(ps, p)
 		}
 	}
-	s.mu.Unlock()
-	if err := s.q.release(ctx, s.db, s.cfg.Owner, ps); err != nil {
-		s.log.Warn("outbox relay: cannot release partitions at close; they will expire", "err", err, "lease_ttl", s.cfg.LeaseTTL)
+	e.mu.Unlock()
+	if err := e.q.release(ctx, e.db, e.cfg.Owner, ps); err != nil {
+		e.log.Warn(e.name+": cannot release partitions at close; they will expire", "err", err, "lease_ttl", e.cfg.LeaseTTL)
 	}
-	if err := s.q.unregister(ctx, s.db, s.cfg.Owner); err != nil {
-		s.log.Warn("outbox relay: cannot unregister at close", "err", err)
+	if err := e.q.unregister(ctx, e.db, e.cfg.Owner); err != nil {
+		e.log.Warn(e.name+": cannot unregister at close", "err", err)
 	}
 }
 
 // cleanLoop prunes relayed rows older than Retention, in bounded batches.
-func (s *subscriber) cleanLoop() {
-	defer s.leaseWG.Done()
+func (e *engine) cleanLoop() {
+	defer e.leaseWG.Done()
 	const batch = 1000
 	for {
-		if !sleep(s.cfg.CleanupInterval, s.stopLease) {
+		if !sleep(e.cfg.CleanupInterval, e.stopLease) {
 			return
 		}
 		for {
-			ctx, cancel := context.WithTimeout(s.ctx, time.Minute)
-			n, err := s.q.prune(ctx, s.db, s.cfg.Retention, batch)
+			ctx, cancel := context.WithTimeout(e.ctx, time.Minute)
+			n, err := e.q.prune(ctx, e.db, e.cfg.Retention, batch)
 			cancel()
 			if err != nil {
-				s.log.Warn("outbox relay: cannot prune relayed rows; retrying later", "err", err)
+				e.log.Warn(e.name+": cannot prune relayed rows; retrying later", "err", err)
 				break
 			}
-			if n < batch || !sleep(10*time.Millisecond, s.stopLease) {
+			if n < batch || !sleep(10*time.Millisecond, e.stopLease) {
 				break
 			}
 		}

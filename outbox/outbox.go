@@ -57,6 +57,17 @@ type Config struct {
 	// table must exist: create it with InitializeSchema or SchemaSQL.
 	Table string
 
+	// CommandTable, when set, is where Enqueue and EnqueueTx write commands:
+	// a table of its own (same schema; create it with InitializeSchema),
+	// which a Worker (NewWorker) serves, running each command's handler
+	// straight from the table with no broker. The relay on Table never sees
+	// these commands, and no relay may run on CommandTable. Empty (the
+	// default): commands go into Table with everything else, and the relay
+	// publishes them (a routing policy sends them to a queue, and a
+	// bus.Consumer runs them). It must pass ValidateTableName and differ
+	// from Table.
+	CommandTable string
+
 	// MaxPayloadBytes is the largest marshalled payload accepted, in bytes.
 	// A larger message fails at Stage with ErrPayloadTooLarge, so it can
 	// never reach (and poison) the relay. The stored row is larger: the
@@ -108,6 +119,13 @@ func (c Config) Validate() error {
 	if err := ValidateTableName(c.Table); err != nil {
 		errs = append(errs, fmt.Errorf("Config.Table: %w", err))
 	}
+	if c.CommandTable != "" {
+		if err := ValidateTableName(c.CommandTable); err != nil {
+			errs = append(errs, fmt.Errorf("Config.CommandTable: %w", err))
+		} else if c.CommandTable == c.Table {
+			errs = append(errs, fmt.Errorf("outbox: Config.CommandTable must differ from Config.Table (%q): a table is served by relays or by workers, not both", c.Table))
+		}
+	}
 	if c.MaxPayloadBytes < 0 {
 		errs = append(errs, fmt.Errorf("outbox: Config.MaxPayloadBytes is %d; it must not be negative (0 means the default, %d)", c.MaxPayloadBytes, DefaultMaxPayloadBytes))
 	}
@@ -123,6 +141,9 @@ type Outbox struct {
 	wlogger watermill.LoggerAdapter
 	cfg     Config
 	schema  *stagingSchema
+	// commands is the staging schema of Config.CommandTable; schema when
+	// there is none.
+	commands *stagingSchema
 }
 
 // New returns an Outbox for the table described by cfg. db is used only by
@@ -137,13 +158,18 @@ func New(db *sql.DB, logger *slog.Logger, cfg Config) (*Outbox, error) {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
-	return &Outbox{
+	o := &Outbox{
 		db:      db,
 		logger:  logger,
 		wlogger: wlog.New(logger, false),
 		cfg:     cfg,
 		schema:  newStagingSchema(cfg.Dialect, cfg.Table),
-	}, nil
+	}
+	o.commands = o.schema
+	if cfg.CommandTable != "" {
+		o.commands = newStagingSchema(cfg.Dialect, cfg.CommandTable)
+	}
+	return o, nil
 }
 
 // SchemaAdapter returns the watermill-sql SchemaAdapter of the outbox table,
@@ -157,6 +183,10 @@ func (o *Outbox) SchemaAdapter() wsql.SchemaAdapter { return o.schema }
 
 // Table returns the name of the outbox table.
 func (o *Outbox) Table() string { return o.cfg.Table }
+
+// CommandTable returns the table Enqueue writes into: Config.CommandTable,
+// or the outbox table when that is not set.
+func (o *Outbox) CommandTable() string { return o.commands.table }
 
 // Dialect returns the dialect of the outbox database.
 func (o *Outbox) Dialect() Dialect { return o.cfg.Dialect }

@@ -13,27 +13,27 @@ import (
 // channel named after the outbox table (NotifyPostgres, in the processes
 // that stage, NOTIFYs it after their commits) and wakes the claimer on every notification. It reconnects with
 // backoff; while it is down the relay still polls.
-func (s *subscriber) listenLoop() {
-	defer s.leaseWG.Done()
+func (e *engine) listenLoop() {
+	defer e.leaseWG.Done()
 	bo := newDBBackoff()
 	for {
 		start := time.Now()
-		err := s.listenOnce()
+		err := e.listenOnce()
 		select {
-		case <-s.stopLease:
+		case <-e.stopLease:
 			return
 		default:
 		}
 		if errors.Is(err, errNotPgx) {
-			s.log.Info("outbox relay: the database/sql driver is not pgx; LISTEN is off, the relay polls", "poll_interval", s.cfg.PollInterval)
+			e.log.Info(e.name+": the database/sql driver is not pgx; LISTEN is off, the relay polls", "poll_interval", e.cfg.PollInterval)
 			return
 		}
 		if time.Since(start) > time.Minute {
 			bo.Reset()
 		}
 		d := bo.NextBackOff()
-		s.log.Warn("outbox relay: LISTEN connection lost; reconnecting", "err", err, "retry_in", d)
-		if !sleep(d, s.stopLease) {
+		e.log.Warn(e.name+": LISTEN connection lost; reconnecting", "err", err, "retry_in", d)
+		if !sleep(d, e.stopLease) {
 			return
 		}
 	}
@@ -41,17 +41,17 @@ func (s *subscriber) listenLoop() {
 
 var errNotPgx = errors.New("outbox: not a pgx connection")
 
-func (s *subscriber) listenOnce() error {
-	ctx, cancel := context.WithCancel(s.ctx)
+func (e *engine) listenOnce() error {
+	ctx, cancel := context.WithCancel(e.ctx)
 	defer cancel()
 	go func() {
 		select {
-		case <-s.stopLease:
+		case <-e.stopLease:
 			cancel()
 		case <-ctx.Done():
 		}
 	}()
-	conn, err := s.db.Conn(ctx)
+	conn, err := e.db.Conn(ctx)
 	if err != nil {
 		return err
 	}
@@ -64,12 +64,12 @@ func (s *subscriber) listenOnce() error {
 			return nil
 		}
 		pc := c.Conn()
-		if _, err := pc.Exec(ctx, "LISTEN "+s.q.t); err != nil {
+		if _, err := pc.Exec(ctx, "LISTEN "+e.q.t); err != nil {
 			loopErr = err
 			return driver.ErrBadConn
 		}
 		// Commits made while we were not listening.
-		wake(s.claimWake)
+		wake(e.claimWake)
 		for {
 			if _, err := pc.WaitForNotification(ctx); err != nil {
 				loopErr = err
@@ -77,7 +77,7 @@ func (s *subscriber) listenOnce() error {
 				// back to the pool.
 				return driver.ErrBadConn
 			}
-			wake(s.claimWake)
+			wake(e.claimWake)
 		}
 	})
 	if loopErr != nil {

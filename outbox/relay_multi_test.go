@@ -251,9 +251,9 @@ func TestRelayDatabaseCut(t *testing.T) {
 				_ = w.Close()
 			}
 			r.sub.mu.Lock()
-			t.Logf("relay state: pending=%d inflight=%d ready=%d acks=%d outage=%v wantRoom=%v", r.sub.pending, r.sub.inflight, len(r.sub.ready), len(r.sub.acks), r.sub.outage, r.sub.wantRoom)
-			for p := range r.sub.parts {
-				ps := r.sub.parts[p]
+			t.Logf("relay state: pending=%d inflight=%d ready=%d acks=%d outage=%v wantRoom=%v", r.sub.sched.pending, r.sub.sched.inflight, len(r.sub.sched.ready), len(r.sub.acks), r.sub.outage, r.sub.wantRoom)
+			for p := range r.sub.sched.parts {
+				ps := r.sub.sched.parts[p]
 				t.Logf("partition %d: owned=%v draining=%v valid_for=%s inMem=%d inFlight=%d parked=%d", p, ps.owned, ps.draining, time.Until(ps.validUntil).Round(time.Millisecond), ps.inMem, ps.inFlight, len(ps.parked))
 			}
 			r.sub.mu.Unlock()

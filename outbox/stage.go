@@ -260,12 +260,19 @@ const (
 // the caller's transaction, whose schema adapter writes our columns. A
 // batching publisher between the two turns one Stage call into one INSERT.
 func (o *Outbox) write(ctx context.Context, tx *sql.Tx, msgs []prepared) error {
-	pub, err := wsql.NewPublisher(txExecutor{ctx: ctx, tx: tx}, wsql.PublisherConfig{SchemaAdapter: o.schema}, o.wlogger)
+	return o.writeTo(ctx, tx, o.schema, msgs)
+}
+
+// writeTo is write into the table of schema (the outbox or the command
+// table).
+func (o *Outbox) writeTo(ctx context.Context, tx *sql.Tx, schema *stagingSchema, msgs []prepared) error {
+	table := schema.table
+	pub, err := wsql.NewPublisher(txExecutor{ctx: ctx, tx: tx}, wsql.PublisherConfig{SchemaAdapter: schema}, o.wlogger)
 	if err != nil {
 		return fmt.Errorf("outbox: %w", err)
 	}
 	batch := &batchPublisher{msgs: make([]*message.Message, 0, len(msgs))}
-	fwd := forwarder.NewPublisher(batch, forwarder.PublisherConfig{ForwarderTopic: o.cfg.Table})
+	fwd := forwarder.NewPublisher(batch, forwarder.PublisherConfig{ForwarderTopic: table})
 	for _, p := range msgs {
 		if err := fwd.Publish(p.topic, p.msg); err != nil {
 			return fmt.Errorf("outbox: wrap message %s: %w", p.msg.UUID, err)
@@ -275,14 +282,14 @@ func (o *Outbox) write(ctx context.Context, tx *sql.Tx, msgs []prepared) error {
 	for i, m := range batch.msgs {
 		size += len(m.Payload)
 		if i+1 == len(batch.msgs) || i+1-start == maxRowsPerInsert || size+len(batch.msgs[i+1].Payload) > maxBytesPerInsert {
-			if err := pub.Publish(o.cfg.Table, batch.msgs[start:i+1]...); err != nil {
-				return fmt.Errorf("outbox: stage into %q: %w", o.cfg.Table, err)
+			if err := pub.Publish(table, batch.msgs[start:i+1]...); err != nil {
+				return fmt.Errorf("outbox: stage into %q: %w", table, err)
 			}
 			start, size = i+1, 0
 		}
 	}
 	if o.cfg.Observer != nil {
-		o.cfg.Observer.Staged(ctx, o.cfg.Table, len(msgs))
+		o.cfg.Observer.Staged(ctx, table, len(msgs))
 	}
 	return nil
 }

@@ -42,7 +42,6 @@ import (
 	"github.com/tailrace/tailrace/behaviors"
 	"github.com/tailrace/tailrace/bus"
 	"github.com/tailrace/tailrace/bus/amqp"
-	"github.com/tailrace/tailrace/bus/gochannel"
 	"github.com/tailrace/tailrace/mediator"
 	"github.com/tailrace/tailrace/outbox"
 	"github.com/tailrace/tailrace/policy"
@@ -56,8 +55,12 @@ import (
 var policyJSON []byte
 
 // commandsTopic is where the policy sends the bank's commands and where the
-// worker consumes them.
+// worker consumes them (with -amqp).
 const commandsTopic = "bank.commands"
+
+// commandTable is the table Enqueue writes commands into when there is no
+// broker, and the outbox.Worker runs them from.
+const commandTable = "bank_commands"
 
 // Defaults of -services, the addresses of the local services.
 const (
@@ -182,41 +185,27 @@ func run(ctx context.Context, w io.Writer, args []string) (err error) {
 	m.Use(mediator.Layer{Order: behaviors.OrderLogging - 1, Scope: mediator.Commands(), Behavior: countCommitted(account, &done)})
 
 	// The outbox: Enqueue stages a command in a short transaction of its own
-	// and signals the notifier after commit.
-	ob, err := outbox.New(db, logger, outbox.Config{Dialect: dialect, Notifier: notifier})
+	// and signals the notifier after commit. Without a broker (the
+	// default) commands go into a command table of their own, which an
+	// outbox.Worker runs straight from the database; with -amqp they go
+	// into the outbox table, and the relay publishes them to RabbitMQ.
+	viaBroker := opts.amqp != ""
+	cfg := outbox.Config{Dialect: dialect, Notifier: notifier}
+	if !viaBroker {
+		if err := outbox.InitializeSchema(ctx, db, dialect, commandTable); err != nil {
+			return err
+		}
+		cfg.CommandTable = commandTable
+	}
+	ob, err := outbox.New(db, logger, cfg)
 	if err != nil {
 		return err
 	}
 
-	// The bus: the publishers the policy may name, by key, and the
-	// subscriber the command worker consumes from.
-	wlogger := watermill.NewSlogLogger(logger)
-	pub, sub, busName, closeSub, err := openBus(opts, wlogger)
-	if err != nil {
-		return err
+	busName := "none (outbox.Worker)"
+	if viaBroker {
+		busName = "RabbitMQ"
 	}
-	defer func() { err = errors.Join(err, closeSub()) }()
-	publishers := bus.NewRegistry()
-	defer func() { err = errors.Join(err, publishers.Close()) }()
-	publishers.Register("commands", pub)
-	pol, err := policy.Parse("policy.json", policyJSON, &policy.LoadOptions{KnownPublishers: publishers.HasPublisher})
-	if err != nil {
-		return err
-	}
-	routing, err := bus.NewRoutingPublisher(publishers, policy.Static(pol), logger, bus.RoutingConfig{})
-	if err != nil {
-		return err
-	}
-	defer routing.Close()
-
-	// The command worker: consumes the commands and sends each through the
-	// mediator.
-	stopWorker, err := startWorker(ctx, m, sub, pub, logger)
-	if err != nil {
-		return err
-	}
-	defer func() { err = errors.Join(err, stopWorker()) }()
-
 	fmt.Fprintln(w, "=== tailrace Outbox + Worker ===")
 	fmt.Fprintf(w, "  store: %s, bus: %s\n", storeName, busName)
 
@@ -231,31 +220,29 @@ func run(ctx context.Context, w io.Writer, args []string) (err error) {
 			return err
 		}
 	}
-	pending, err := countPending(ctx, db, ob.Table(), account)
+	pending, err := countPending(ctx, db, ob.CommandTable(), account)
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(w, "  Enqueued — outbox has %d pending\n", pending)
 
-	// The relay: drains the outbox to the routing publisher, woken by the
-	// notifier on every commit (and polling as a fallback). In a service it
-	// runs from start-up; it starts only now so that the count above is
-	// the same on every run.
-	relay, err := outbox.NewRelay(db, routing, logger, outbox.RelayConfig{
-		Dialect: dialect, Table: ob.Table(), Notifier: notifier,
-		PollInterval: 100 * time.Millisecond, CloseTimeout: 5 * time.Second,
-	})
+	// The worker side starts only now, so that the count above is the same
+	// on every run; in a service it runs from start-up.
+	var stop func() error
+	if viaBroker {
+		stop, err = startBroker(ctx, opts, db, dialect, ob, notifier, m, logger)
+	} else {
+		stop, err = startCommandWorker(ctx, db, dialect, notifier, m, logger)
+	}
 	if err != nil {
 		return err
 	}
-	relayDone := make(chan error, 1)
-	go func() { relayDone <- relay.Run(ctx) }()
-	defer func() { err = errors.Join(err, relay.Close(), <-relayDone) }()
+	defer func() { err = errors.Join(err, stop()) }()
 
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "--- Wait for outbox-drain + command-worker to catch up ---")
 	if err := waitUntil(ctx, func() (bool, error) {
-		n, err := countPending(ctx, db, ob.Table(), account)
+		n, err := countPending(ctx, db, ob.CommandTable(), account)
 		return n == 0 && done.Load() == 3, err
 	}); err != nil {
 		return err
@@ -286,6 +273,69 @@ func run(ctx context.Context, w io.Writer, args []string) (err error) {
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Done.")
 	return nil
+}
+
+// startBroker runs the broker path: the relay drains the outbox table to
+// RabbitMQ through the routing policy, and a bus consumer (worker.go) runs
+// the commands it receives. stop closes both.
+func startBroker(ctx context.Context, opts options, db *sql.DB, dialect outbox.Dialect, ob *outbox.Outbox, notifier *outbox.Notifier,
+	m *mediator.Mediator, logger *slog.Logger) (stop func() error, err error) {
+	var closers []func() error
+	stop = func() error {
+		var errs []error
+		for i := len(closers) - 1; i >= 0; i-- {
+			errs = append(errs, closers[i]())
+		}
+		return errors.Join(errs...)
+	}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, stop())
+		}
+	}()
+
+	// The bus: the publishers the policy may name, by key, and the
+	// subscriber the command worker consumes from.
+	wlogger := watermill.NewSlogLogger(logger)
+	pub, sub, closeSub, err := openBus(opts, wlogger)
+	if err != nil {
+		return nil, err
+	}
+	closers = append(closers, closeSub)
+	publishers := bus.NewRegistry()
+	closers = append(closers, publishers.Close)
+	publishers.Register("commands", pub)
+	pol, err := policy.Parse("policy.json", policyJSON, &policy.LoadOptions{KnownPublishers: publishers.HasPublisher})
+	if err != nil {
+		return nil, err
+	}
+	routing, err := bus.NewRoutingPublisher(publishers, policy.Static(pol), logger, bus.RoutingConfig{})
+	if err != nil {
+		return nil, err
+	}
+	closers = append(closers, routing.Close)
+
+	// The command worker: consumes the commands and sends each through the
+	// mediator.
+	stopWorker, err := startWorker(ctx, m, sub, pub, logger)
+	if err != nil {
+		return nil, err
+	}
+	closers = append(closers, stopWorker)
+
+	// The relay: drains the outbox to the routing publisher, woken by the
+	// notifier on every commit (and polling as a fallback).
+	relay, err := outbox.NewRelay(db, routing, logger, outbox.RelayConfig{
+		Dialect: dialect, Table: ob.Table(), Notifier: notifier,
+		PollInterval: 100 * time.Millisecond, CloseTimeout: 5 * time.Second,
+	})
+	if err != nil {
+		return nil, err
+	}
+	relayDone := make(chan error, 1)
+	go func() { relayDone <- relay.Run(ctx) }()
+	closers = append(closers, func() error { return errors.Join(relay.Close(), <-relayDone) })
+	return stop, nil
 }
 
 // countCommitted is a behavior that counts the commands on account
@@ -326,25 +376,21 @@ func openStore(opts options) (db *sql.DB, d outbox.Dialect, name string, closeDB
 	return db, outbox.SQLite, "SQLite (temporary file)", func() { _ = db.Close(); _ = os.RemoveAll(dir) }, nil
 }
 
-// openBus returns RabbitMQ's publisher and subscriber at opts.amqp, or the
-// in-process bus, which is both. The publisher is closed by the registry it
-// is registered in, the subscriber by closeSub.
-func openBus(opts options, logger watermill.LoggerAdapter) (pub message.Publisher, sub message.Subscriber, name string, closeSub func() error, err error) {
-	if opts.amqp == "" {
-		ps, err := gochannel.New(gochannel.Config{}, logger)
-		return ps, ps, "in-process", func() error { return nil }, err
-	}
+// openBus returns RabbitMQ's publisher and subscriber at opts.amqp. The
+// publisher is closed by the registry it is registered in, the subscriber
+// by closeSub.
+func openBus(opts options, logger watermill.LoggerAdapter) (pub message.Publisher, sub message.Subscriber, closeSub func() error, err error) {
 	prefixed := func(topic string) string { return opts.amqpPrefix + topic }
 	cfg := amqp.Config{URL: opts.amqp, Topology: amqp.Topology{ExchangeName: prefixed, QueueName: prefixed}}
 	p, err := amqp.NewPublisher(cfg, logger)
 	if err != nil {
-		return nil, nil, "", nil, err
+		return nil, nil, nil, err
 	}
 	s, err := amqp.NewSubscriber(cfg, logger)
 	if err != nil {
-		return nil, nil, "", nil, errors.Join(err, p.Close())
+		return nil, nil, nil, errors.Join(err, p.Close())
 	}
-	return p, s, "RabbitMQ", s.Close, nil
+	return p, s, s.Close, nil
 }
 
 // countPending returns the number of outbox rows of account (their

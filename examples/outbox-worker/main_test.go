@@ -44,10 +44,21 @@ func runSample(t *testing.T, args ...string) string {
 }
 
 // TestEmbedded runs the quick start: SQLite in a temporary directory and the
-// in-process bus, no service needed.
+// outbox.Worker, no service needed.
 func TestEmbedded(t *testing.T) {
 	got := runSample(t)
-	exp := "=== tailrace Outbox + Worker ===\n  store: SQLite (temporary file), bus: in-process\n" + want
+	exp := "=== tailrace Outbox + Worker ===\n  store: SQLite (temporary file), bus: none (outbox.Worker)\n" + want
+	if got != exp {
+		t.Errorf("output differs\n--- got\n%s--- want\n%s", got, exp)
+	}
+}
+
+// TestPostgresWorker runs the worker on PostgreSQL (a schema of its own),
+// with no broker.
+func TestPostgresWorker(t *testing.T) {
+	pg := testenv.NewPostgres(t)
+	got := runSample(t, "-postgres", pg.URL)
+	exp := "=== tailrace Outbox + Worker ===\n  store: PostgreSQL, bus: none (outbox.Worker)\n" + want
 	if got != exp {
 		t.Errorf("output differs\n--- got\n%s--- want\n%s", got, exp)
 	}

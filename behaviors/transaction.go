@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 
+	"github.com/tailrace/tailrace/internal/transport"
 	"github.com/tailrace/tailrace/mediator"
 	"github.com/tailrace/tailrace/outbox"
 )
@@ -144,7 +145,9 @@ func (t *Transaction) Handle(ctx context.Context, req any, info mediator.Info, n
 	}
 	tx, err := t.db.BeginTx(ctx, t.opts)
 	if err != nil {
-		return nil, fmt.Errorf("behaviors: begin transaction for %q: %w", info.Kind, err)
+		// The database is unreachable: an outage, not a failure of this
+		// request (an outbox.Worker counts no attempt for it).
+		return nil, transport.Mark(fmt.Errorf("behaviors: begin transaction for %q: %w", info.Kind, err), transport.SQL)
 	}
 	done := false
 	defer func() {
@@ -176,7 +179,7 @@ func (t *Transaction) Handle(ctx context.Context, req any, info mediator.Info, n
 			// database/sql rolled back when the context ended.
 			err = errors.Join(cerr, err)
 		}
-		return nil, fmt.Errorf("behaviors: commit transaction for %q: %w", info.Kind, err)
+		return nil, transport.Mark(fmt.Errorf("behaviors: commit transaction for %q: %w", info.Kind, err), transport.SQL)
 	}
 	t.cfg.Notifier.Notify()
 	return res, nil

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -512,3 +513,41 @@ type readThenWrite struct {
 }
 
 func (readThenWrite) Kind() string { return "test.read_then_write" }
+
+// An unreachable database is an outage, not a failure of the request: the
+// error of BEGIN is marked tailrace.Unavailable (an outbox.Worker then
+// counts no attempt), while the handler's own errors are not.
+func TestTransactionUnreachableDatabaseIsUnavailable(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close() // nothing listens there now
+	db, err := sql.Open("pgx", "postgres://u@"+addr+"/x?connect_timeout=2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	tb, err := behaviors.NewTransaction(db, nil, behaviors.TransactionConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := mediator.New()
+	m.Use(tb.Layer())
+	mediator.RegisterFunc(m, func(ctx context.Context, c PlaceOrder) (string, error) { return c.ID, nil })
+	_, err = mediator.Send(context.Background(), m, PlaceOrder{ID: "x"})
+	if err == nil || !tailrace.IsUnavailable(err) {
+		t.Fatalf("Send with the database down: %v (unavailable %v); want an error marked Unavailable", err, tailrace.IsUnavailable(err))
+	}
+
+	b := setupTx(t, dialects()["sqlite"], behaviors.TransactionConfig{})
+	_, err = mediator.Send(context.Background(), b.m, PlaceOrder{ID: "dup"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = mediator.Send(context.Background(), b.m, PlaceOrder{ID: "dup"}) // primary key violation
+	if err == nil || tailrace.IsUnavailable(err) {
+		t.Fatalf("a handler's own SQL error: %v (unavailable %v); want a failure of the request", err, tailrace.IsUnavailable(err))
+	}
+}

@@ -34,13 +34,13 @@ import (
 // The sink runs the dispatch loop: it takes ready rows (take), hands them
 // over, and reports each outcome (acked, completed, failed).
 type engine struct {
-	db      *sql.DB
-	log     *slog.Logger
-	name    string // "outbox relay" or "outbox worker", for logs and errors
-	cfg     RelayConfig
-	q       *relaySQL
-	token   int64 // claim_token and lease token of this engine instance
-	retain  bool
+	db     *sql.DB
+	log    *slog.Logger
+	name   string // "outbox relay" or "outbox worker", for logs and errors
+	cfg    RelayConfig
+	q      *relaySQL
+	token  int64 // claim_token and lease token of this engine instance
+	retain bool
 	// breaker: unclassified failures can trip outage mode too (the
 	// relay); failures marked tailrace.Unavailable always do.
 	breaker bool

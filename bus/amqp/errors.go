@@ -6,7 +6,7 @@ import (
 
 	amqp091 "github.com/rabbitmq/amqp091-go"
 
-	"github.com/tailrace/tailrace/bus/internal/transport"
+	"github.com/tailrace/tailrace/internal/transport"
 )
 
 // Errors returned by Publish. Match them with errors.Is; all but ErrClosed

@@ -14,7 +14,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	amqp091 "github.com/rabbitmq/amqp091-go"
 
-	"github.com/tailrace/tailrace/bus/internal/transport"
+	"github.com/tailrace/tailrace/internal/transport"
 )
 
 // Publisher publishes Watermill messages to RabbitMQ with publisher confirms

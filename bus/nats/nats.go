@@ -82,7 +82,7 @@ import (
 	nc "github.com/nats-io/nats.go"
 
 	"github.com/tailrace/tailrace/bus/internal/secret"
-	"github.com/tailrace/tailrace/bus/internal/transport"
+	"github.com/tailrace/tailrace/internal/transport"
 )
 
 // Defaults for Config fields left at their zero value.

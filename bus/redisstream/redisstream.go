@@ -44,7 +44,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/tailrace/tailrace/bus/internal/secret"
-	"github.com/tailrace/tailrace/bus/internal/transport"
+	"github.com/tailrace/tailrace/internal/transport"
 )
 
 // Defaults for Config fields left at their zero value.

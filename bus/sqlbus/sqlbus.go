@@ -50,20 +50,17 @@ package sqlbus
 import (
 	"context"
 	stdsql "database/sql"
-	"database/sql/driver"
 	"errors"
 	"fmt"
 	"regexp"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
 	wsql "github.com/ThreeDotsLabs/watermill-sql/v3/pkg/sql"
 	"github.com/ThreeDotsLabs/watermill/message"
-	"github.com/jackc/pgx/v5/pgconn"
 
-	"github.com/tailrace/tailrace/bus/internal/transport"
+	"github.com/tailrace/tailrace/internal/transport"
 )
 
 // Defaults for Config fields left at their zero value.
@@ -219,34 +216,11 @@ func (p *Publisher) Publish(topic string, messages ...*message.Message) error {
 		return err
 	}
 	if err := p.pub.Publish(topic, messages...); err != nil {
-		return transport.Mark(fmt.Errorf("bus/sqlbus: publish to %q: %w", topic, err), transportFailure)
+		return transport.Mark(fmt.Errorf("bus/sqlbus: publish to %q: %w", topic, err), transport.SQL)
 	}
 	return nil
 }
 
-// transportFailure reports whether err is a failure of the connection to
-// the database rather than of the message.
-func transportFailure(err error) bool {
-	if errors.Is(err, driver.ErrBadConn) || errors.Is(err, stdsql.ErrConnDone) || pgconn.Timeout(err) {
-		return true
-	}
-	var ce *pgconn.ConnectError
-	if errors.As(err, &ce) {
-		return true
-	}
-	var st interface{ SQLState() string }
-	if errors.As(err, &st) {
-		code := st.SQLState()
-		switch {
-		case strings.HasPrefix(code, "08"), // connection exception
-			strings.HasPrefix(code, "53"),                     // insufficient resources
-			code == "57P01", code == "57P02", code == "57P03": // shutting down, cannot connect now
-			return true
-		}
-		return false
-	}
-	return transport.Network(err)
-}
 
 // Close waits for Publish calls in progress. It does not close the database.
 func (p *Publisher) Close() error { return p.pub.Close() }

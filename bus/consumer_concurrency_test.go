@@ -31,6 +31,19 @@ type windowSub struct {
 	mu      sync.Mutex
 	settled []string // "ack <uuid>" / "nack <uuid>", in order
 	changed chan struct{}
+	handed  atomic.Int64 // messages the consumer has taken from the channel
+}
+
+// waitHanded waits until the consumer has taken n messages.
+func (s *windowSub) waitHanded(t *testing.T, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for s.handed.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("the consumer took %d of %d messages", s.handed.Load(), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 func newWindowSub() *windowSub {
@@ -47,6 +60,7 @@ func (s *windowSub) Subscribe(ctx context.Context, _ string) (<-chan *message.Me
 				go s.watch(m)
 				select {
 				case out <- m:
+					s.handed.Add(1)
 				case <-ctx.Done():
 					m.Nack()
 					return
@@ -356,6 +370,7 @@ func TestConsumerCloseWaitsForRunningHandlers(t *testing.T) {
 		sub.in <- first
 		sub.in <- second
 		<-started
+		sub.waitHanded(t, 2) // second is with the consumer, waiting for its key
 		closed := make(chan error, 1)
 		go func() { closed <- c.Close() }()
 		// second, waiting for its key, is nacked at once; Close still waits.

@@ -281,7 +281,9 @@ func run(ctx context.Context, w io.Writer, args []string) (err error) {
 func startBroker(ctx context.Context, opts options, db *sql.DB, dialect outbox.Dialect, ob *outbox.Outbox, notifier *outbox.Notifier,
 	m *mediator.Mediator, logger *slog.Logger) (stop func() error, err error) {
 	var closers []func() error
-	stop = func() error {
+	// stopAll, not the named result: "return nil, err" sets stop to nil
+	// before the deferred clean-up runs.
+	stopAll := func() error {
 		var errs []error
 		for i := len(closers) - 1; i >= 0; i-- {
 			errs = append(errs, closers[i]())
@@ -290,7 +292,7 @@ func startBroker(ctx context.Context, opts options, db *sql.DB, dialect outbox.D
 	}
 	defer func() {
 		if err != nil {
-			err = errors.Join(err, stop())
+			err = errors.Join(err, stopAll())
 		}
 	}()
 
@@ -335,7 +337,7 @@ func startBroker(ctx context.Context, opts options, db *sql.DB, dialect outbox.D
 	relayDone := make(chan error, 1)
 	go func() { relayDone <- relay.Run(ctx) }()
 	closers = append(closers, func() error { return errors.Join(relay.Close(), <-relayDone) })
-	return stop, nil
+	return stopAll, nil
 }
 
 // countCommitted is a behavior that counts the commands on account

@@ -221,7 +221,6 @@ func (p *Publisher) Publish(topic string, messages ...*message.Message) error {
 	return nil
 }
 
-
 // Close waits for Publish calls in progress. It does not close the database.
 func (p *Publisher) Close() error { return p.pub.Close() }
 

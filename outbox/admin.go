@@ -336,20 +336,7 @@ func (a *Admin) deadIDs(ctx context.Context, f DeadFilter, afterID int64, limit 
 	}
 	w, args := a.where(f, afterID)
 	args = append(args, limit)
-	rows, err := a.db.QueryContext(ctx, `SELECT id FROM `+a.q.dead+` WHERE `+w+` ORDER BY id LIMIT `+a.q.ph(len(args)), args...)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var ids []int64
-	for rows.Next() {
-		var id int64
-		if err := rows.Scan(&id); err != nil {
-			return nil, err
-		}
-		ids = append(ids, id)
-	}
-	return ids, rows.Err()
+	return selectIDs(ctx, a.db, `SELECT id FROM `+a.q.dead+` WHERE `+w+` ORDER BY id LIMIT `+a.q.ph(len(args)), args...)
 }
 
 // BatchOptions tunes a long Replay or Purge. A nil *BatchOptions means the

@@ -22,6 +22,15 @@ var ErrClosed = errors.New("bus/redisstream: subscriber closed")
 // claimBatch is how many pending entries one look for idle entries reads.
 const claimBatch = 100
 
+// Housekeeping of a group's members, as watermill-redisstream does: every
+// checkConsumersInterval, members idle for consumerTimeout with no pending
+// entries are deleted (XGROUP DELCONSUMER), so that random Consumer names
+// do not pile up in the group.
+var (
+	checkConsumersInterval = 5 * time.Minute
+	consumerTimeout        = 10 * time.Minute
+)
+
 // Subscriber reads streams; see the package doc.
 //
 // It is written on go-redis v9 directly, with watermill-redisstream's
@@ -46,7 +55,10 @@ const claimBatch = 100
 //   - Without a ConsumerGroup, each subscription reads (XREAD) the entries
 //     appended after Subscribe returned; nothing is acked.
 //   - An entry that cannot be unmarshalled is logged and left pending (it is
-//     not lost; it comes again when claimed).
+//     not lost; it comes again when claimed). Entries read but not handed
+//     over when the subscription stops stay pending likewise.
+//   - Every 5 minutes, members of the group idle for 10 minutes with no
+//     pending entry are deleted from it, as watermill-redisstream does.
 //
 // Closing, guaranteed:
 //   - The channel returned by Subscribe is closed exactly once, after every
@@ -255,7 +267,12 @@ func (o *output) run(ctx context.Context, cursor string) {
 	group := cfg.ConsumerGroup != ""
 	pending := group // reading this consumer's pending entries (cursor not ">")
 	nextClaim := time.Now()
+	nextCheck := time.Now().Add(checkConsumersInterval)
 	for {
+		if group && time.Now().After(nextCheck) {
+			nextCheck = time.Now().Add(checkConsumersInterval)
+			o.checkConsumers(ctx)
+		}
 		// Wait for room in the window.
 		select {
 		case o.window <- struct{}{}:
@@ -331,6 +348,26 @@ func (o *output) run(ctx context.Context, cursor string) {
 				}
 				return
 			}
+		}
+	}
+}
+
+// checkConsumers deletes the group's members idle for consumerTimeout that
+// hold no pending entry.
+func (o *output) checkConsumers(ctx context.Context) {
+	s, cfg := o.s, &o.s.cfg
+	cs, err := s.client.XInfoConsumers(ctx, o.topic, cfg.ConsumerGroup).Result()
+	if err != nil {
+		s.logger.Info("Cannot list the group's consumers", watermill.LogFields{"topic": o.topic, "err": s.scrub.Error(err).Error()})
+		return
+	}
+	for _, c := range cs {
+		if c.Name == cfg.Consumer || c.Pending > 0 || c.Idle < consumerTimeout {
+			continue
+		}
+		if err := s.client.XGroupDelConsumer(ctx, o.topic, cfg.ConsumerGroup, c.Name).Err(); err != nil {
+			s.logger.Info("Cannot delete an idle consumer", watermill.LogFields{"topic": o.topic, "consumer": c.Name,
+				"err": s.scrub.Error(err).Error()})
 		}
 	}
 }

@@ -262,3 +262,47 @@ func TestValidate(t *testing.T) {
 		t.Fatalf("Validate: %v; want MaxInFlight and CloseTimeout reported", err)
 	}
 }
+
+// Members of the group idle with no pending entry are deleted; the
+// subscriber's own member stays.
+func TestIdleConsumersDeleted(t *testing.T) {
+	defer redisstream.SetConsumerHousekeeping(20*time.Millisecond, 200*time.Millisecond)()
+	prefix := testenv.UniqueName("tr")
+	url := setup(t, prefix)
+	topic := prefix + ".idle"
+	cl := redis.NewClient(&redis.Options{Addr: testenv.RedisAddr(t)})
+	defer cl.Close()
+	ctx := context.Background()
+	if err := cl.XGroupCreateMkStream(ctx, topic, "g", "0").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.XGroupCreateConsumer(ctx, topic, "g", "old").Err(); err != nil {
+		t.Fatal(err)
+	}
+	sub, err := redisstream.NewSubscriber(redisstream.Config{URL: url, ConsumerGroup: "g", Consumer: "me"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	if _, err := sub.Subscribe(ctx, topic); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		cs, err := cl.XInfoConsumers(ctx, topic, "g").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, c := range cs {
+			names = append(names, c.Name)
+		}
+		if len(names) == 1 && names[0] == "me" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("consumers %v, want only [me]", names)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -1,8 +1,10 @@
 // Package redisstream publishes to and consumes from Redis Streams, for the
 // tailrace bus.
 //
-// It is a thin, configured constructor over watermill-redisstream, which
-// speaks go-redis v9. A topic is a stream key; a message is one XADD entry.
+// The Publisher is a configured watermill-redisstream Publisher; the
+// Subscriber is this package's own, on go-redis v9, reading the same message
+// format (watermill-redisstream's DefaultMarshallerUnmarshaller). A topic is
+// a stream key; a message is one XADD entry.
 //
 // Guarantees:
 //   - Publish returns nil once Redis has appended every message (XADD
@@ -14,9 +16,12 @@
 //     not lost: a consumer group created later starts from the first entry.
 //   - With a ConsumerGroup, each entry goes to one member and stays pending
 //     until acked; a member that dies leaves entries that others claim after
-//     MaxIdleTime. Delivery is at-least-once; order holds for a single
-//     consumer. Without a group every subscriber receives the entries
-//     appended after it subscribed (fan-out).
+//     MaxIdleTime, and a member restarted with the same Consumer name gets
+//     its own pending entries first. Delivery is at-least-once. Each
+//     subscription hands over up to MaxInFlight entries in stream order
+//     before their acks, each settled on its own; a nacked entry is handed
+//     over again (see Subscriber). Without a group every subscriber receives
+//     the entries appended after it subscribed (fan-out).
 //   - go-redis reconnects by itself; a Publish during an outage fails with
 //     the client's error (dial or read timeout) instead of hanging. A
 //     Publisher can be built while the server is unreachable: the client
@@ -35,7 +40,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -53,6 +57,8 @@ const (
 	DefaultBlockTime     = 100 * time.Millisecond
 	DefaultClaimInterval = 5 * time.Second
 	DefaultMaxIdleTime   = 60 * time.Second
+	DefaultMaxInFlight   = 64
+	DefaultCloseTimeout  = 30 * time.Second
 )
 
 // Config configures a Publisher and a Subscriber.
@@ -93,6 +99,14 @@ type Config struct {
 	MaxIdleTime time.Duration
 	// NackResendSleep delays the redelivery of a nacked message. Default 0.
 	NackResendSleep time.Duration
+	// MaxInFlight is how many entries one subscription hands over before
+	// their acks: the window of a bus.Consumer working on several messages
+	// at once. Keep it at or above the consumer's Concurrency. 1 hands over
+	// one entry at a time. Default 64.
+	MaxInFlight int
+	// CloseTimeout bounds how long Close waits for the entries already
+	// handed over to be acked or nacked. Default 30s.
+	CloseTimeout time.Duration
 }
 
 func (c *Config) setDefaults() {
@@ -107,6 +121,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxIdleTime == 0 {
 		c.MaxIdleTime = DefaultMaxIdleTime
+	}
+	if c.MaxInFlight == 0 {
+		c.MaxInFlight = DefaultMaxInFlight
+	}
+	if c.CloseTimeout == 0 {
+		c.CloseTimeout = DefaultCloseTimeout
 	}
 }
 
@@ -125,6 +145,7 @@ func (c *Config) validate() error {
 	}
 	for name, d := range map[string]time.Duration{
 		"DialTimeout": c.DialTimeout, "BlockTime": c.BlockTime, "ClaimInterval": c.ClaimInterval, "MaxIdleTime": c.MaxIdleTime,
+		"CloseTimeout": c.CloseTimeout,
 	} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("bus/redisstream: %s must be positive, got %v", name, d))
@@ -132,6 +153,9 @@ func (c *Config) validate() error {
 	}
 	if c.NackResendSleep < 0 {
 		errs = append(errs, fmt.Errorf("bus/redisstream: NackResendSleep must not be negative, got %v", c.NackResendSleep))
+	}
+	if c.MaxInFlight < 0 {
+		errs = append(errs, fmt.Errorf("bus/redisstream: MaxInFlight must be positive, got %d", c.MaxInFlight))
 	}
 	if c.MaxLen < 0 {
 		errs = append(errs, fmt.Errorf("bus/redisstream: MaxLen must not be negative, got %d", c.MaxLen))
@@ -238,81 +262,3 @@ func (p *Publisher) Publish(topic string, messages ...*message.Message) error {
 
 // Close closes the client.
 func (p *Publisher) Close() error { return p.scrub.Error(p.pub.Close()) }
-
-// ErrClosed is returned by Subscribe after Close.
-var ErrClosed = errors.New("bus/redisstream: subscriber closed")
-
-// Subscriber reads streams; see the package doc.
-//
-// The channel returned by Subscribe is closed once, by the goroutine that
-// sends on it, and Close returns only after every such channel is closed
-// (watermill-redisstream's own ordering). Subscribe and Close may be called
-// concurrently: this wrapper serialises them, because watermill-redisstream
-// (v1.4.5) reads its closed flag and adds to the WaitGroup that Close waits
-// on without any synchronisation with Close — a data race, and a Subscribe
-// that slips past Close's Wait. Subscribe after Close returns ErrClosed.
-type Subscriber struct {
-	sub   *redisstream.Subscriber
-	scrub secret.Scrubber
-
-	mu     sync.RWMutex // Subscribe holds RLock, Close takes Lock to set closed
-	closed bool
-}
-
-// NewSubscriber validates cfg and connects. A nil logger logs nothing.
-func NewSubscriber(cfg Config, logger watermill.LoggerAdapter) (*Subscriber, error) {
-	cfg.setDefaults()
-	if err := cfg.validate(); err != nil {
-		return nil, err
-	}
-	if logger == nil {
-		logger = watermill.NopLogger{}
-	}
-	cl, scrub, err := cfg.client(false, logger)
-	if err != nil {
-		return nil, err
-	}
-	sub, err := redisstream.NewSubscriber(redisstream.SubscriberConfig{
-		Client:          cl,
-		Consumer:        cfg.Consumer,
-		ConsumerGroup:   cfg.ConsumerGroup,
-		NackResendSleep: cfg.NackResendSleep,
-		BlockTime:       cfg.BlockTime,
-		ClaimInterval:   cfg.ClaimInterval,
-		MaxIdleTime:     cfg.MaxIdleTime,
-		// Without it the first XREADGROUP blocks forever and leaks its
-		// goroutine when nothing arrives.
-		DisableIndefiniteInitialBlock: true,
-	}, logger.With(watermill.LogFields{"component": "bus/redisstream.Subscriber"}))
-	if err != nil {
-		_ = cl.Close()
-		return nil, fmt.Errorf("bus/redisstream: %w", scrub.Error(err))
-	}
-	return &Subscriber{sub: sub, scrub: scrub}, nil
-}
-
-// Subscribe returns the entries of the stream named topic (see ConsumerGroup
-// for which ones). The channel closes when ctx is done or on Close.
-func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	if s.closed {
-		return nil, ErrClosed
-	}
-	ch, err := s.sub.Subscribe(ctx, topic)
-	if err != nil {
-		return nil, fmt.Errorf("bus/redisstream: subscribe to %q: %w", topic, s.scrub.Error(err))
-	}
-	return ch, nil
-}
-
-// Close stops the subscriptions, returns once every channel returned by
-// Subscribe is closed, and closes the client. With a ConsumerGroup, messages
-// handed over but not yet acked stay pending (another member claims them
-// after MaxIdleTime).
-func (s *Subscriber) Close() error {
-	s.mu.Lock()
-	s.closed = true
-	s.mu.Unlock()
-	return s.scrub.Error(s.sub.Close())
-}

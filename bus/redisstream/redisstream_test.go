@@ -102,7 +102,15 @@ func TestSecretsNeverLeak(t *testing.T) {
 	}
 }
 
+// Watermill's universal suite, twice: with a window of 1 the suite's
+// ordering tests hold; with the default window entries are handed over
+// before the previous ones are acked, so order is not what the suite checks.
 func TestUniversalPubSub(t *testing.T) {
+	t.Run("window1", func(t *testing.T) { universalPubSub(t, 1, true) })
+	t.Run("window64", func(t *testing.T) { universalPubSub(t, 64, false) })
+}
+
+func universalPubSub(t *testing.T, maxInFlight int, ordered bool) {
 	prefix := testenv.UniqueName("tr")
 	url := setup(t, prefix)
 	constructor := func(t *testing.T, group string) (message.Publisher, message.Subscriber) {
@@ -110,12 +118,16 @@ func TestUniversalPubSub(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// CloseTimeout short: the suite closes while holding unacked
+		// messages and wants their contexts cancelled soon after.
 		sub, err := redisstream.NewSubscriber(redisstream.Config{
 			URL:           url,
 			ConsumerGroup: group,
 			BlockTime:     10 * time.Millisecond,
 			ClaimInterval: 3 * time.Second,
 			MaxIdleTime:   5 * time.Second,
+			MaxInFlight:   maxInFlight,
+			CloseTimeout:  250 * time.Millisecond,
 		}, nil)
 		if err != nil {
 			t.Fatal(err)
@@ -127,7 +139,7 @@ func TestUniversalPubSub(t *testing.T) {
 			ConsumerGroups:                      true,
 			ExactlyOnceDelivery:                 false,
 			GuaranteedOrder:                     false,
-			GuaranteedOrderWithSingleSubscriber: true,
+			GuaranteedOrderWithSingleSubscriber: ordered,
 			Persistent:                          true,
 			NewSubscriberReceivesOldMessages:    true,
 			ForceShort:                          true,

@@ -33,6 +33,10 @@ type Work struct {
 	Permanent bool `json:"permanent,omitempty"`
 	// Block makes the handler wait for its context to end.
 	Block bool `json:"block,omitempty"`
+	// Unavailable makes the first Unavailable attempts fail with an error
+	// marked tailrace.Unavailable (a dependency is down), after the domain
+	// insert.
+	Unavailable int `json:"unavailable,omitempty"`
 }
 
 func (Work) Kind() string           { return "test.work" }
@@ -122,6 +126,9 @@ func (g *workerRig) handle(ctx context.Context, w Work) (struct{}, error) {
 	}
 	if _, err := exec.ExecContext(ctx, q, w.ID, w.Key, w.Seq); err != nil {
 		return struct{}{}, err
+	}
+	if int(n) <= w.Unavailable {
+		return struct{}{}, tailrace.Unavailable(fmt.Errorf("test outage, attempt %d of %s", n, w.ID))
 	}
 	if int(n) <= w.FailFirst {
 		return struct{}{}, fmt.Errorf("test transient failure %d of %s", n, w.ID)
@@ -490,4 +497,34 @@ func TestWorkerWakeUp(t *testing.T) {
 		g.enqueue(t, Work{ID: "l1", Key: "k", Seq: 0})
 		waitUntil(t, 20*time.Second, "the command run after a NOTIFY", func() bool { return g.handled(t)["l1"] == 1 })
 	})
+}
+
+// TestWorkerOutageCostsNoAttempt: failures marked tailrace.Unavailable (a
+// database or another service unreachable: the Transaction behavior marks
+// BEGIN and COMMIT that fail for want of a connection) put the worker into
+// outage mode and cost no attempt. Each command here fails that way twice,
+// more than MaxAttempts allows, and still runs once, with no dead letter.
+func TestWorkerOutageCostsNoAttempt(t *testing.T) {
+	g := newWorkerRig(t, testenv.NewSQLite(t).DB, outbox.SQLite, true)
+	w := g.newWorker(t, outbox.WorkerConfig{MaxAttempts: 1})
+	run(t, w)
+	var cmds []Work
+	for i := range 3 {
+		cmds = append(cmds, Work{ID: fmt.Sprintf("u%d", i), Key: "k", Seq: i, Unavailable: 2})
+	}
+	g.enqueue(t, cmds...)
+	waitUntil(t, 60*time.Second, "every command handled", func() bool { return len(g.handled(t)) == len(cmds) })
+	for id, n := range g.handled(t) {
+		if n != 1 {
+			t.Errorf("%s committed %d times", id, n)
+		}
+	}
+	if n := g.count(t, g.cmds+"_dead"); n != 0 {
+		t.Fatalf("%d commands dead-lettered during the outage", n)
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if len(g.errs) > 0 {
+		t.Fatal(g.errs)
+	}
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	nc "github.com/nats-io/nats.go"
 
+	"github.com/tailrace/tailrace/bus/internal/closing"
 	"github.com/tailrace/tailrace/bus/internal/secret"
 )
 
@@ -206,21 +207,11 @@ func (s *Subscriber) Close() error {
 	s.mu.Unlock()
 	defer close(s.done)
 
-	closed := make(chan struct{})
-	go func() {
-		s.outputs.Wait()
-		close(closed)
-	}()
-	timer := time.NewTimer(s.cfg.CloseTimeout)
-	select {
-	case <-closed:
-		timer.Stop()
-	case <-timer.C:
+	closing.Wait(&s.outputs, s.cfg.CloseTimeout, func() {
 		s.logger.Info("Messages not acked within CloseTimeout are given up; the server redelivers them after AckWait",
 			watermill.LogFields{"close_timeout": s.cfg.CloseTimeout.String()})
 		close(s.abandon)
-		<-closed
-	}
+	})
 	if err := s.conn.Drain(); err != nil && !errors.Is(err, nc.ErrConnectionClosed) {
 		s.closeErr = fmt.Errorf("bus/nats: drain connection: %w", s.scrub.Error(err))
 	}

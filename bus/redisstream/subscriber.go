@@ -13,6 +13,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/tailrace/tailrace/bus/internal/closing"
 	"github.com/tailrace/tailrace/bus/internal/secret"
 )
 
@@ -186,21 +187,11 @@ func (s *Subscriber) Close() error {
 	s.mu.Unlock()
 	defer close(s.done)
 
-	closed := make(chan struct{})
-	go func() {
-		s.outputs.Wait()
-		close(closed)
-	}()
-	timer := time.NewTimer(s.cfg.CloseTimeout)
-	select {
-	case <-closed:
-		timer.Stop()
-	case <-timer.C:
+	closing.Wait(&s.outputs, s.cfg.CloseTimeout, func() {
 		s.logger.Info("Messages not acked within CloseTimeout are given up; they stay pending",
 			watermill.LogFields{"close_timeout": s.cfg.CloseTimeout.String()})
 		close(s.abandon)
-		<-closed
-	}
+	})
 	if err := s.client.Close(); err != nil && !errors.Is(err, redis.ErrClosed) {
 		s.closeErr = fmt.Errorf("bus/redisstream: close client: %w", s.scrub.Error(err))
 	}

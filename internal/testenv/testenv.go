@@ -305,6 +305,13 @@ func NewSQLite(t testing.TB) *SQLite {
 		t.Fatalf("testenv: open SQLite: %v", err)
 	}
 	t.Cleanup(func() { _ = db.Close() })
+	// Put the fresh file in WAL mode on one connection now: connections
+	// that open a fresh file at the same moment race to switch its journal
+	// mode, and the loser's pragma fails with SQLITE_BUSY without waiting
+	// for the busy timeout.
+	if err := db.Ping(); err != nil {
+		t.Fatalf("testenv: open SQLite: %v", err)
+	}
 	return &SQLite{Path: path, DSN: dsn, DB: db}
 }
 
